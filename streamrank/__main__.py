@@ -1,0 +1,5 @@
+import sys
+
+from streamrank.cli import main
+
+sys.exit(main())

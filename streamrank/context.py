@@ -1,0 +1,84 @@
+"""What stages of one pipeline share: the corpus store, the index folder, loaded models."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from streamrank.errors import IndexMissingError
+from streamrank.types import Ranking
+
+if TYPE_CHECKING:
+    from streamrank.index.store import DocumentStore
+    from streamrank.stage import BaseStage
+
+T = TypeVar("T")
+
+
+class PipelineContext:
+    """Shared resources, created lazily so that a pipeline that never touches a model never loads it.
+
+    ``index_dir`` is the folder of one corpus: ``docs.sqlite`` plus one sub-folder per index
+    (``bm25/``, ``dense/``...). It is None for pipelines that only rerank supplied candidates.
+    """
+
+    def __init__(self, index_dir: Path | None, *, corpus: str | None = None, device: str | None = None) -> None:
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self.corpus = corpus
+        self.device = device
+        self._cache: dict[Any, Any] = {}
+        self._lock = threading.RLock()
+
+    def require_index_dir(self, what: str) -> Path:
+        if self.index_dir is None:
+            raise IndexMissingError(
+                f"{what} needs an index, but this pipeline has no corpus: set `corpus = ...` in the "
+                "pipeline file or pass --corpus/--dataset"
+            )
+        return self.index_dir
+
+    @cached_property
+    def store(self) -> DocumentStore:
+        from streamrank.index.store import DocumentStore
+
+        return DocumentStore(self.require_index_dir("the document store") / "docs.sqlite")
+
+    def shared(self, key: Any, factory: Callable[[], T]) -> T:
+        """One object per key for the whole pipeline (models, tokenizers), built on first use."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = factory()
+            return self._cache[key]
+
+    def sentence_encoder(self, model: str):
+        """A sentence-transformers model shared by every stage that names the same model."""
+        from streamrank.models import load_sentence_encoder
+
+        return self.shared(("sentence-encoder", model), lambda: load_sentence_encoder(model, self.device))
+
+    def attach_documents(self, rankings: Sequence[Ranking], limit: int | None = None) -> None:
+        """Fill ``candidate.document`` from the store where a stage left it empty."""
+        missing = [c.doc_id for r in rankings for c in r.candidates[:limit] if c.document is None]
+        if not missing:
+            return
+        found = self.store.get_many(missing)
+        for ranking in rankings:
+            for cand in ranking.candidates[:limit]:
+                if cand.document is None:
+                    cand.document = found.get(cand.doc_id)
+
+    def build_stage(self, options: dict[str, Any], where: str) -> BaseStage:
+        from streamrank.config import build_stage
+
+        return build_stage(options, self, where)
+
+    def close(self) -> None:
+        for obj in self._cache.values():
+            close = getattr(obj, "close", None)
+            if callable(close):
+                close()
+        if "store" in self.__dict__:
+            self.store.close()

@@ -1,0 +1,39 @@
+"""Stage kinds a pipeline TOML may name, mapped to their classes (imported only when used)."""
+
+from __future__ import annotations
+
+import importlib
+
+from streamrank.errors import ConfigError
+
+STAGE_KINDS: dict[str, str] = {
+    # first stages (index/)
+    "bm25": "streamrank.index.bm25:BM25Retriever",
+    "dense": "streamrank.index.dense:DenseRetriever",
+    "fusion": "streamrank.index.fusion:FusionStage",
+    "ppr": "streamrank.index.ppr:PPRStage",
+    # rerankers (rankers/)
+    "first": "streamrank.rankers.listwise:SingleTokenListwise",
+    "generative_listwise": "streamrank.rankers.generative:GenerativeListwise",
+    "groupwise": "streamrank.rankers.groupwise:GroupwiseReranker",
+    "e2rank": "streamrank.rankers.e2rank:EmbeddingListwise",
+    "qlm": "streamrank.rankers.pointwise:QueryLikelihood",
+    "cross_encoder": "streamrank.rankers.pointwise:CrossEncoderReranker",
+    "learned": "streamrank.rankers.learned:LearnedRanker",
+}
+
+
+def stage_class(kind: str, where: str = "stages"):
+    """The class for ``kind``; a ConfigError naming the kind and the known ones otherwise."""
+    target = STAGE_KINDS.get(kind)
+    if target is None:
+        known = ", ".join(sorted(STAGE_KINDS))
+        raise ConfigError(f"{where}: unknown stage kind {kind!r} (known kinds: {known})")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"{where}: stage kind {kind!r} is not available in this build ({exc})") from exc
+        raise
+    return getattr(module, attr)
