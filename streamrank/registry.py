@@ -18,7 +18,7 @@ STAGE_KINDS: dict[str, str] = {
     "groupwise": "streamrank.rankers.groupwise:GroupwiseReranker",
     "e2rank": "streamrank.rankers.e2rank:EmbeddingListwise",
     "qlm": "streamrank.rankers.pointwise:QueryLikelihood",
-    "cross_encoder": "streamrank.rankers.pointwise:CrossEncoderReranker",
+    "cross_encoder": "streamrank.rankers.cross_encoder:CrossEncoderReranker",
     "learned": "streamrank.rankers.learned:LearnedRanker",
 }
 

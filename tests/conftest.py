@@ -1,0 +1,35 @@
+"""Shared test setup: offline, one torch thread, Triton in interpreter mode, datasets from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Must be set before triton or torch are imported anywhere in the test process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("STREAMRANK_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = Path(os.environ.get("STREAMRANK_DATASETS", REPO.parent / "shared" / "datasets"))
+os.environ.setdefault("STREAMRANK_DATASETS", str(SHARED_DATASETS))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def datasets_root() -> Path:
+    if not (SHARED_DATASETS / "beir" / "scifact").exists():
+        pytest.skip(f"benchmark data not found at {SHARED_DATASETS} (set STREAMRANK_DATASETS)")
+    return SHARED_DATASETS
