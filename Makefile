@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DATASETS ?= $(abspath ../shared/datasets)
 export STREAMRANK_DATASETS ?= $(DATASETS)
+export STREAMRANK_HOME ?= $(CURDIR)/.streamrank
 PIPELINE ?= configs/hybrid.toml
 HOST ?= 127.0.0.1
 PORT ?= 8000
