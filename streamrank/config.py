@@ -105,12 +105,15 @@ def load_pipeline(
     index_dir: str | Path | None = None,
     device: str | None = None,
 ) -> Pipeline:
-    """Read a pipeline file and build its stages. ``corpus``/``index_dir`` override the file's values."""
+    """Read a pipeline file and build its stages. ``corpus``/``index_dir`` override the file's values.
+
+    ``corpus=""`` means no corpus at all (the pipeline only reranks supplied candidates).
+    """
     from streamrank.context import PipelineContext
     from streamrank.pipeline import Pipeline
 
     config, source = read_config(path)
-    corpus_ref = corpus if corpus is not None else config.corpus
+    corpus_ref = (corpus if corpus is not None else config.corpus) or None
     chosen_dir = index_dir if index_dir is not None else config.index_dir
     resolved_dir = Path(chosen_dir).expanduser() if chosen_dir else default_index_dir(corpus_ref)
     context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device)

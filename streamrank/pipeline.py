@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +26,13 @@ def as_query(query: QueryLike, index: int = 0, user_history: Sequence[str] = ())
     if not q.text or not q.text.strip():
         raise InvalidQueryError("the query is empty")
     return q
+
+
+def candidate_pool(query: QueryLike, documents: Sequence[Document | str]) -> Ranking:
+    """A ranking of supplied documents in their given order (strings get ids "0", "1", ...)."""
+    docs = [d if isinstance(d, Document) else Document(id=str(i), text=d) for i, d in enumerate(documents)]
+    pool = [Candidate(doc_id=d.id, score=0.0, rank=i + 1, document=d) for i, d in enumerate(docs)]
+    return Ranking(query=as_query(query), candidates=pool)
 
 
 class Pipeline:
@@ -62,9 +69,7 @@ class Pipeline:
 
     def rerank(self, query: QueryLike, documents: Sequence[Document | str], k: int | None = None) -> Ranking:
         """Rank supplied documents only (no index needed): every stage scores exactly these."""
-        docs = [d if isinstance(d, Document) else Document(id=str(i), text=d) for i, d in enumerate(documents)]
-        pool = [Candidate(doc_id=d.id, score=0.0, rank=i + 1, document=d) for i, d in enumerate(docs)]
-        return self.run([Ranking(query=as_query(query), candidates=pool)], k=k)[0]
+        return self.run([candidate_pool(query, documents)], k=k)[0]
 
     def run(
         self,
@@ -72,12 +77,15 @@ class Pipeline:
         *,
         k: int | None = None,
         deadline: float | None = None,
+        on_stage: Callable[[str, list[Ranking]], None] | None = None,
     ) -> list[Ranking]:
         """Run every stage over the batch, timing each.
 
         Rankings that arrive with candidates are scored as given (retrievers rescore the supplied
         pool instead of searching the index). With a ``deadline`` (``time.monotonic()`` value),
         stages that would start after it are skipped and the rankings are marked degraded.
+        ``on_stage(stage_name, rankings)`` is called after each stage (the service keeps the latest
+        as a fallback when a later stage overruns a deadline).
         """
         current = list(rankings)
         for stage in self.stages:
@@ -91,9 +99,12 @@ class Pipeline:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             for r in current:
                 r.timings_ms[stage.name] = r.timings_ms.get(stage.name, 0.0) + elapsed_ms
+            if on_stage is not None:
+                on_stage(stage.name, current)
         if k is not None:
             current = [r.top_k(k) for r in current]
-        if self.context.index_dir is not None:
+        if k is not None and self.context.index_dir is not None:
+            # Only short result lists carry text: an eval run over depth 1000 does not need it.
             self.context.attach_documents(current, limit=k)
         return [replace(r) for r in current]
 
@@ -139,6 +150,32 @@ class Pipeline:
         for stage in self.iter_stages():
             stage.delete(doc_ids)
         self.context.store.delete(doc_ids)
+
+    def recover(self) -> dict[str, int]:
+        """Make every index agree with the store after a crash; returns repaired counts per stage.
+
+        The store is the source of truth (a write is durable there before any index sees it).
+        Stages that implement ``indexed_ids()`` get the stored documents they lack re-added and
+        ids the store no longer holds deleted; other stages are left alone.
+        """
+        store = self.context.store
+        stored = store.ids()
+        repaired: dict[str, int] = {}
+        for stage in self.iter_stages():
+            indexed_ids = getattr(stage, "indexed_ids", None)
+            if indexed_ids is None:
+                continue
+            have = set(indexed_ids())
+            missing = [doc_id for doc_id in stored if doc_id not in have]
+            extra = sorted(have.difference(stored))
+            if missing:
+                found = store.get_many(missing)
+                stage.add([found[doc_id] for doc_id in missing if doc_id in found])
+            if extra:
+                stage.delete(extra)
+            if missing or extra:
+                repaired[stage.name] = len(missing) + len(extra)
+        return repaired
 
     def close(self) -> None:
         for stage in self.iter_stages():

@@ -1,1 +1,100 @@
+"""`streamrank bench NAME`: benchmarks registered by name, each writing ``NAME.json`` with machine info.
 
+A benchmark is a function ``(output_dir: Path | None, quick: bool) -> dict`` of figures, imported
+only when run. ``quick`` asks for small sizes (a smoke run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from streamrank.errors import StreamRankError
+
+BENCHMARKS: dict[str, str] = {
+    "kernels": "streamrank.kernels.bench:run_kernels_benchmark",
+    "rerank": "streamrank.rankers.bench:run_rerank_benchmark",
+    "ppr": "streamrank.index.bench_ppr:run_ppr_benchmark",
+    "service": "streamrank.service.bench:run_service_benchmark",
+    "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
+}
+
+Benchmark = Callable[[Path | None, bool], dict[str, Any]]
+
+
+def benchmark_function(name: str) -> Benchmark:
+    """The function registered as ``name``; a StreamRankError names the known ones otherwise."""
+    target = BENCHMARKS.get(name)
+    if target is None:
+        raise StreamRankError(f"unknown benchmark {name!r} (known: {', '.join(sorted(BENCHMARKS))})")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise StreamRankError(f"benchmark {name!r} is not available in this build ({exc})") from exc
+        raise
+    return getattr(module, attr)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count, platform, Python, torch version and CUDA device (torch is not imported for this)."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    cuda_device = None
+    torch = sys.modules.get("torch")  # only ask CUDA if the benchmark already loaded torch
+    if torch is not None and torch.cuda.is_available():
+        cuda_device = torch.cuda.get_device_name(0)
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "cuda_device": cuda_device,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+class _WriteFlag:
+    """Wraps a stream and notes whether anything was written through it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.written = False
+
+    def write(self, text: str) -> int:
+        self.written = self.written or bool(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def run_benchmark(name: str, output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """Run benchmark ``name``; print its figures as JSON unless it printed its own; write ``NAME.json``."""
+    function = benchmark_function(name)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    flag = _WriteFlag(sys.stdout)
+    sys.stdout = flag  # type: ignore[assignment]
+    try:
+        figures = function(out, quick)
+    finally:
+        sys.stdout = flag.stream
+    payload = {"benchmark": name, "quick": quick, "machine": machine_info(), "results": figures}
+    if not flag.written:
+        print(json.dumps(figures, indent=2, default=str))
+    if out is not None:
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return payload
