@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from streamrank.errors import ConfigError
 
@@ -29,11 +30,16 @@ def stage_class(kind: str, where: str = "stages"):
     if target is None:
         known = ", ".join(sorted(STAGE_KINDS))
         raise ConfigError(f"{where}: unknown stage kind {kind!r} (known kinds: {known})")
+    return import_target(target, f"{where}: stage kind {kind!r}", ConfigError)
+
+
+def import_target(target: str, what: str, error: type[Exception]) -> Any:
+    """Import ``"package.module:attr"``; a missing optional module becomes ``error`` naming ``what``."""
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigError(f"{where}: stage kind {kind!r} is not available in this build ({exc})") from exc
+            raise error(f"{what} is not available in this build ({exc})") from exc
         raise
     return getattr(module, attr)

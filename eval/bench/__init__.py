@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from streamrank.errors import StreamRankError
+from streamrank.registry import import_target
 
 BENCHMARKS: dict[str, str] = {
     "kernels": "streamrank.kernels.bench:run_kernels_benchmark",
@@ -35,14 +36,7 @@ def benchmark_function(name: str) -> Benchmark:
     target = BENCHMARKS.get(name)
     if target is None:
         raise StreamRankError(f"unknown benchmark {name!r} (known: {', '.join(sorted(BENCHMARKS))})")
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise StreamRankError(f"benchmark {name!r} is not available in this build ({exc})") from exc
-        raise
-    return getattr(module, attr)
+    return import_target(target, f"benchmark {name!r}", StreamRankError)
 
 
 def machine_info() -> dict[str, Any]:
