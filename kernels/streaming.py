@@ -1,0 +1,143 @@
+"""Streaming torch path: the blocking of the Triton kernels done with torch ops, for CPU.
+
+- FFN: the rank-space activations ``x V_up^T`` (and ``x V_gate^T``) are computed once; the
+  intermediate dimension is walked in blocks of ``block_ff`` columns, each block's activation is
+  pushed straight into the rank space of the down projection, so no ``[tokens, d_ff]`` tensor exists.
+- attention: the rank-space ``P = x V^T`` of Q, K and V are computed once (``[tokens, r]``); for
+  each query block the Q tile is rebuilt from its factors, then key/value tiles are rebuilt block by
+  block and folded in with an online softmax, so neither full Q/K/V nor the score matrix exists.
+
+The math of each piece lives in :mod:`streamrank.kernels.reference`; this module only adds the
+blocking and the online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import (
+    Factors,
+    allowed_keys,
+    ffn_activation,
+    masked_scores,
+    merge_heads,
+    project,
+    rebuild,
+    repeat_kv,
+    split_heads,
+)
+
+DEFAULT_BLOCK_FF = 256
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 128
+
+
+def _cols(f: Factors, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``sl`` of ``U`` (and the bias): the output columns ``sl`` of a low-rank layer."""
+    return f.U[sl], None if f.bias is None else f.bias[sl]
+
+
+def lowrank_ffn(
+    x: torch.Tensor,
+    up: Factors,
+    down: Factors,
+    activation: str = "gelu",
+    gate: Factors | None = None,
+    block_ff: int = DEFAULT_BLOCK_FF,
+) -> torch.Tensor:
+    """Low-rank FFN streamed over blocks of the intermediate dimension (same result as the reference)."""
+    p_up = project(x, up.V)
+    p_gate = project(x, gate.V) if gate is not None else None
+    d_ff = up.U.shape[0]
+    z = None  # rank-space accumulator of the down projection, [..., r_down]
+    for start in range(0, d_ff, block_ff):
+        sl = slice(start, min(start + block_ff, d_ff))
+        g = rebuild(p_gate, *_cols(gate, sl)) if gate is not None else None
+        h = ffn_activation(rebuild(p_up, *_cols(up, sl)), g, activation)
+        part = project(h, down.V[:, sl])
+        z = part if z is None else z.add_(part)
+        del g, h, part
+    return rebuild(z, down.U, down.bias)
+
+
+def attention_from_rank_space(
+    pq: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    q: Factors,
+    k: Factors,
+    v: Factors,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """Blockwise attention from rank-space inputs ``pq/pk/pv`` (``[B, S, r]``) and the ``U``/bias factors.
+
+    Scores and softmax state are kept in float32; the output has the dtype of ``pq``.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    groups = num_heads // num_kv_heads
+    seq = pq.shape[1]
+    head_dim = q.U.shape[0] // num_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    pos = torch.arange(seq, device=pq.device)
+    out = torch.empty(*pq.shape[:2], q.U.shape[0], dtype=pq.dtype, device=pq.device)
+    for q0 in range(0, seq, block_q):
+        q1 = min(q0 + block_q, seq)
+        qh = split_heads(rebuild(pq[:, q0:q1], q.U, q.bias), num_heads).float()
+        m = torch.full((*qh.shape[:3], 1), -math.inf, device=pq.device)
+        denom = torch.zeros_like(m)
+        acc = torch.zeros_like(qh)
+        k_end = q1 if causal else seq  # keys after the last query of the block are all masked
+        for k0 in range(0, k_end, block_k):
+            k1 = min(k0 + block_k, k_end)
+            kh = repeat_kv(split_heads(rebuild(pk[:, k0:k1], k.U, k.bias), num_kv_heads), groups).float()
+            vh = repeat_kv(split_heads(rebuild(pv[:, k0:k1], v.U, v.bias), num_kv_heads), groups).float()
+            s = masked_scores(qh, kh, scale, allowed_keys(key_mask, causal, pos[q0:q1], pos[k0:k1]))
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            alpha = torch.exp(m - m_new)
+            p = s.sub_(m_new).exp_()
+            denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha).add_(torch.matmul(p, vh))
+            m = m_new
+            del kh, vh, s, p
+        out[:, q0:q1] = merge_heads(acc.div_(denom)).to(out.dtype)
+        del qh, acc
+    return out
+
+
+def lowrank_attention(
+    x: torch.Tensor,
+    q: Factors,
+    k: Factors,
+    v: Factors,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """Self-attention context ``[B, S, H*D]`` computed block by block (same result as the reference)."""
+    return attention_from_rank_space(
+        project(x, q.V),
+        project(x, k.V),
+        project(x, v.V),
+        q,
+        k,
+        v,
+        num_heads,
+        num_kv_heads,
+        key_mask,
+        causal,
+        scale,
+        block_q,
+        block_k,
+    )
