@@ -147,9 +147,10 @@ class Pipeline:
             stage.add(documents)
 
     def delete_documents(self, doc_ids: Sequence[str]) -> None:
+        """Remove documents: from the store first (the source of truth ``recover`` trusts), then indexes."""
+        self.context.store.delete(doc_ids)
         for stage in self.iter_stages():
             stage.delete(doc_ids)
-        self.context.store.delete(doc_ids)
 
     def recover(self) -> dict[str, int]:
         """Make every index agree with the store after a crash; returns repaired counts per stage.

@@ -1,0 +1,464 @@
+"""Dense retrieval: a sentence-transformers encoder and a FAISS index over normalised embeddings.
+
+``index_type``:
+
+- ``flat`` (default): exact inner product (= cosine, the embeddings are normalised);
+- ``hnsw``: ``IndexHNSWFlat`` with inner product (``hnsw_m``, ``ef_construction``; ``ef_search`` at
+  query time);
+- ``ivfpq``: ``IndexIVFPQ`` trained on the corpus embeddings (``nlist``, default about
+  ``min(4*sqrt(n), n/39)``; ``pq_m`` sub-quantizers of ``pq_bits`` bits; ``nprobe`` at query time).
+  A corpus with fewer documents than PQ needs for training (``2**pq_bits``) gets an exact ``flat``
+  index instead; the warning and ``info.built_as`` in the manifest say so.
+
+The FAISS index runs on a GPU when faiss-gpu sees one (flat and ivfpq; HNSW has no GPU version).
+
+``<index_dir>/dense`` holds ``index.faiss``, ``ids.json`` (row -> doc id, ``null`` for a row whose
+document was replaced or deleted), ``embeddings.npy`` (float32, one row per FAISS row, read by
+other stages through :meth:`DenseRetriever.embeddings_for`) and ``manifest.json``. Every file is
+replaced atomically and the manifest last; row counts are checked on open, so an interrupted update
+is reported instead of searched. Additions encode only the new documents and append rows; a
+replaced or deleted document's row is masked (searches go deeper to still return ``k``), and the
+FAISS index is rebuilt from the stored embeddings (no encoding) once a quarter of its rows are masked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from streamrank.errors import IndexMismatchError
+from streamrank.index import manifest as mf
+from streamrank.index.base import IndexedConfig, IndexedRetriever
+from streamrank.models import MINILM
+from streamrank.types import Document, ModelCall, Ranking
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+COMPACT_FRACTION = 0.25
+"""Rebuild the FAISS index from stored embeddings once this share of its rows is masked."""
+SHOW_PROGRESS_FROM = 1000
+"""Show a progress bar when encoding at least this many documents."""
+
+
+class DenseConfig(IndexedConfig):
+    model: str = MINILM
+    """Sentence-transformers model: a Hugging Face id, a local folder, or the packaged MiniLM."""
+    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    hnsw_m: int = Field(32, ge=2)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(128, ge=1)
+    """Search-time HNSW breadth (raised to the search depth when that is larger)."""
+    nlist: int | None = Field(None, ge=1)
+    """IVF cells; None picks about min(4*sqrt(n), n/39)."""
+    pq_m: int = Field(48, ge=1)
+    """PQ sub-quantizers; must divide the embedding dimension (384 for MiniLM)."""
+    pq_bits: int = Field(8, ge=1, le=16)
+    nprobe: int = Field(16, ge=1)
+    """Search-time IVF cells visited."""
+    batch_size: int = Field(64, ge=1)
+    query_prefix: str = ""
+    """Text put before every query (models such as E5 expect "query: ")."""
+    document_prefix: str = ""
+    """Text put before every document (index-time: a change needs a rebuild)."""
+    use_gpu: bool = True
+    """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
+
+
+def canonical_model(name: str) -> str:
+    """One name per model, so "minilm" and the packaged path compare equal to the hub id."""
+    from streamrank.models import sentence_model_path
+
+    resolved = sentence_model_path(name)
+    return MINILM if resolved == sentence_model_path(MINILM) else name
+
+
+class DenseRetriever(IndexedRetriever):
+    """Cosine similarity between the query and document embeddings of one sentence-transformers model.
+
+    Besides the Stage API it offers :meth:`encode_queries`, :meth:`encode_documents` and
+    :meth:`embeddings_for` to other stages (E2Rank, the kNN graph), which reuse the stored vectors.
+    """
+
+    Config = DenseConfig
+    config: DenseConfig
+    libraries = ("faiss-cpu", "faiss-gpu", "sentence-transformers", "torch", "transformers", "numpy")
+
+    def __init__(self, config: DenseConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self._index: Any = None  # faiss index on CPU
+        self._gpu: Any = None  # GPU copy, made on first search
+        self._ids: list[str | None] = []
+        self._row_of: dict[str, int] = {}
+        self._emb: np.ndarray | None = None
+        self._built_as = config.index_type
+        if context is not None:  # let other stages of the pipeline (E2Rank) find the stored vectors
+            context.shared(("dense-embeddings", config.model), lambda: self)
+
+    # ---- encoding -----------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Any:
+        return self.context.sentence_encoder(self.config.model)
+
+    def _encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        import numpy as np
+
+        vectors = self.encoder.encode(
+            list(texts),
+            batch_size=self.config.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised float32 query embeddings, shape (len(texts), dim)."""
+        return self._encode([self.config.query_prefix + t for t in texts])
+
+    def encode_documents(self, documents: Sequence[Document]) -> np.ndarray:
+        """Normalised float32 embeddings of the documents' ``contents``, as the index stores them."""
+        texts = [self.config.document_prefix + d.contents for d in documents]
+        return self._encode(texts, progress=len(texts) >= SHOW_PROGRESS_FROM)
+
+    def embeddings_for(self, doc_ids: Sequence[str]) -> np.ndarray:
+        """Stored embeddings of ``doc_ids`` (rows in the given order).
+
+        Ids the index lacks are encoded from the document store; KeyError for ids neither has.
+        """
+        import numpy as np
+
+        self._ensure_open()
+        with self.lock:
+            rows = [self._row_of.get(i) for i in doc_ids]
+            out = np.zeros((len(doc_ids), self._dimension()), dtype=np.float32)
+            have = [n for n, r in enumerate(rows) if r is not None]
+            if have:
+                out[have] = self._emb[[rows[n] for n in have]]
+        missing = [n for n, r in enumerate(rows) if r is None]
+        if missing:
+            found = self.context.store.get_many([doc_ids[n] for n in missing])
+            absent = [doc_ids[n] for n in missing if doc_ids[n] not in found]
+            if absent:
+                raise KeyError(f"documents not in the dense index nor the store: {absent[:5]}")
+            out[missing] = self.encode_documents([found[doc_ids[n]] for n in missing])
+        return out
+
+    # ---- index settings and files -------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        cfg = self.config
+        settings: dict[str, Any] = {
+            "kind": "dense",
+            "model": canonical_model(cfg.model),
+            "normalized": True,
+            "document_prefix": cfg.document_prefix,
+            "index_type": cfg.index_type,
+        }
+        if cfg.index_type == "hnsw":
+            settings.update(hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction)
+        elif cfg.index_type == "ivfpq":
+            settings.update(nlist=cfg.nlist, pq_m=cfg.pq_m, pq_bits=cfg.pq_bits)
+        return settings
+
+    def _dimension(self) -> int:
+        assert self._emb is not None
+        return int(self._emb.shape[1])
+
+    def _new_index(self, embeddings: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        """A FAISS index of ``self.config.index_type`` holding ``embeddings``, plus facts for the manifest."""
+        import faiss
+
+        cfg = self.config
+        n, dim = embeddings.shape
+        info: dict[str, Any] = {"built_as": cfg.index_type}
+        if cfg.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = cfg.ef_construction
+        elif cfg.index_type == "ivfpq" and n >= 2**cfg.pq_bits:
+            if dim % cfg.pq_m:
+                from streamrank.errors import ConfigError
+
+                raise ConfigError(
+                    f"dense stage {self.name!r}: pq_m = {cfg.pq_m} must divide the dimension {dim}"
+                )
+            auto = max(1, min(int(4 * math.sqrt(n)), n // 39))
+            nlist = min(cfg.nlist or auto, n)
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
+            recommended = 39 * 2**cfg.pq_bits
+            if n < recommended:  # one line here instead of FAISS's warning per sub-quantizer
+                log.warning(
+                    "dense stage %r: IVF-PQ trained on %d vectors (FAISS suggests %d)",
+                    self.name,
+                    n,
+                    recommended,
+                )
+                index.pq.cp.min_points_per_centroid = 1
+                index.cp.min_points_per_centroid = 1
+            index.train(embeddings)
+            info["nlist"] = nlist
+        else:
+            if cfg.index_type == "ivfpq":
+                reason = (
+                    f"{n} documents are too few to train IVF-PQ ({2**cfg.pq_bits} needed for pq_bits = "
+                    f"{cfg.pq_bits}); built an exact flat index instead"
+                )
+                log.warning("dense stage %r: %s", self.name, reason)
+                info.update(built_as="flat", fallback=reason)
+            index = faiss.IndexFlatIP(dim)
+        if n:
+            index.add(embeddings)
+        return index, info
+
+    def _persist(self, folder: Path) -> None:
+        """Write embeddings, ids and the FAISS index (each atomically; the caller writes the manifest last)."""
+        import faiss
+        import numpy as np
+
+        mf.write_atomic(folder / "embeddings.npy", lambda tmp: _save_npy(tmp, self._emb, np))
+        mf.write_json_atomic(folder / "ids.json", self._ids)
+        mf.write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(self._index, str(tmp)))
+
+    def _info(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        rows = len(self._ids)
+        info = dict(self._manifest["info"]) if self._manifest else {}
+        info.update(extra or {})
+        info.update(
+            doc_count=len(self._row_of),
+            rows=rows,
+            masked_rows=rows - len(self._row_of),
+            dimension=self._dimension(),
+        )
+        return info
+
+    def _set_state(self, index: Any, ids: list[str | None], emb: np.ndarray, built_as: str) -> None:
+        self._index, self._ids, self._emb, self._built_as = index, ids, emb, built_as
+        self._row_of = {doc_id: row for row, doc_id in enumerate(ids) if doc_id is not None}
+        self._gpu = None
+
+    def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
+        started = time.perf_counter()
+        reused = self._reusable_embeddings(documents)
+        source, emb = reused if reused is not None else (None, self.encode_documents(documents))
+        encode_s = time.perf_counter() - started
+        index, info = self._new_index(emb)
+        self._set_state(index, [d.id for d in documents], emb, info["built_as"])
+        self._persist(folder)
+        info = self._info(info)
+        info["encode_seconds"] = round(encode_s, 1)
+        if source is not None:
+            info["embeddings_from"] = source
+        self._release()  # the base opens the moved folder on next use
+        return info
+
+    def _reusable_embeddings(self, documents: list[Document]) -> tuple[str, np.ndarray] | None:
+        """Embeddings of exactly ``documents`` stored by a sibling dense index (another index_type of the
+        same model, prefix and corpus), so switching index type never re-encodes the corpus."""
+        import numpy as np
+
+        wanted = {k: self.settings()[k] for k in ("kind", "model", "normalized", "document_prefix")}
+        ids = [d.id for d in documents]
+        for path in sorted(self.folder.parent.glob(f"*/{mf.MANIFEST_NAME}")):
+            sibling = path.parent
+            manifest = mf.read_manifest(sibling) or {}
+            settings = manifest.get("settings", {})
+            if sibling == self.folder or any(settings.get(k) != v for k, v in wanted.items()):
+                continue
+            if self._build_checksum is None or manifest.get("corpus_checksum") != self._build_checksum:
+                continue
+            try:
+                if json.loads((sibling / "ids.json").read_text()) != ids:
+                    continue
+                emb = np.load(sibling / "embeddings.npy")
+            except (OSError, ValueError):
+                continue
+            if emb.shape[0] == len(ids):
+                log.info("dense stage %r: reusing the embeddings of %s", self.name, sibling)
+                return sibling.name, np.ascontiguousarray(emb, dtype=np.float32)
+        return None
+
+    def _open(self, folder: Path, manifest: dict[str, Any]) -> None:
+        import faiss
+        import numpy as np
+
+        index = faiss.read_index(str(folder / "index.faiss"))
+        ids = json.loads((folder / "ids.json").read_text())
+        emb = np.load(folder / "embeddings.npy")
+        rows = manifest.get("info", {}).get("rows")
+        if not (len(ids) == emb.shape[0] == index.ntotal == (rows if rows is not None else len(ids))):
+            raise IndexMismatchError(
+                f"the dense index at {folder} is inconsistent (ids {len(ids)}, embeddings {emb.shape[0]}, "
+                f"FAISS rows {index.ntotal}, manifest {rows}): an update was interrupted; {mf.REBUILD_HINT}"
+            )
+        self._set_state(index, ids, emb, manifest.get("info", {}).get("built_as", self.config.index_type))
+
+    def _release(self) -> None:
+        self._index = self._gpu = self._emb = None
+        self._ids, self._row_of = [], {}
+
+    # ---- updates ------------------------------------------------------------------------------
+    def _prepare_add(self, documents: Sequence[Document]) -> np.ndarray:
+        return self.encode_documents(documents)
+
+    def _add(self, documents: Sequence[Document], new: np.ndarray | None = None) -> dict[str, Any]:
+        import numpy as np
+
+        if new is None:
+            new = self.encode_documents(documents)
+        if new.shape[1] != self._dimension():
+            raise IndexMismatchError(
+                f"{self.config.model} gives {new.shape[1]}-d vectors but the index at {self.folder} holds "
+                f"{self._dimension()}-d ones; {mf.REBUILD_HINT}"
+            )
+        ids = list(self._ids)
+        for doc in documents:
+            if doc.id in self._row_of:
+                ids[self._row_of[doc.id]] = None
+        ids.extend(d.id for d in documents)
+        self._index.add(new)
+        self._set_state(self._index, ids, np.concatenate([self._emb, new]), self._built_as)
+        return self._compact_and_persist()
+
+    def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
+        ids = list(self._ids)
+        for doc_id in doc_ids:
+            if doc_id in self._row_of:
+                ids[self._row_of[doc_id]] = None
+        self._set_state(self._index, ids, self._emb, self._built_as)
+        return self._compact_and_persist()
+
+    def _compact_and_persist(self) -> dict[str, Any]:
+        """Drop masked rows once there are many (FAISS rebuilt from stored vectors), then write the files."""
+        extra: dict[str, Any] = {}
+        masked = len(self._ids) - len(self._row_of)
+        if masked and masked >= COMPACT_FRACTION * len(self._ids):
+            live = [row for row, doc_id in enumerate(self._ids) if doc_id is not None]
+            emb = self._emb[live]
+            index, extra = self._new_index(emb)
+            self._set_state(index, [self._ids[r] for r in live], emb, extra["built_as"])
+        self._persist(self.folder)
+        return self._info(extra)
+
+    def _live_ids(self) -> list[str]:
+        return [doc_id for doc_id in self._ids if doc_id is not None]
+
+    # ---- searching ----------------------------------------------------------------------------
+    def _prepare(self, rankings: Sequence[Ranking]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self.encode_queries([r.query.text for r in rankings])
+        share = (time.perf_counter() - started) / max(1, len(rankings))
+        for r in rankings:
+            r.calls.append(ModelCall(self.name, self.config.model, seconds=share, note="query embedding"))
+        return vectors
+
+    def _searchable(self) -> Any:
+        """The index to search: a GPU copy when faiss-gpu sees a GPU (flat / IVF-PQ), else the CPU one."""
+        import faiss
+
+        if self._gpu is None and self.config.use_gpu and self._built_as != "hnsw":
+            if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+                self._gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self._index)
+                if self._built_as == "ivfpq":
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.config.nprobe)
+        return self._gpu if self._gpu is not None else self._index
+
+    def _search(self, rankings: Sequence[Ranking], prepared: np.ndarray) -> list[list[tuple[str, float]]]:
+        import faiss
+
+        live = len(self._row_of)
+        k = min(self.config.k, live)
+        if k == 0:
+            return [[] for _ in rankings]
+        depth = min(self._index.ntotal, k + (len(self._ids) - live))  # masked rows may take places
+        index = self._searchable()
+        params = None
+        if index is self._index and self._built_as == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, depth))
+        elif index is self._index and self._built_as == "ivfpq":
+            params = faiss.SearchParametersIVF(nprobe=self.config.nprobe)
+        scores, rows = index.search(prepared, depth, params=params)
+        results = []
+        for row_scores, row_ids in zip(scores, rows, strict=True):
+            hits = [
+                (self._ids[r], float(s))
+                for s, r in zip(row_scores, row_ids, strict=True)
+                if r >= 0 and self._ids[r] is not None
+            ]
+            results.append(hits[:k])
+        return results
+
+    def _score_pool(self, rankings: Sequence[Ranking], prepared: np.ndarray) -> list[list[float]]:
+        """Cosine of each supplied candidate with its query.
+
+        A candidate's text is its ``document.contents`` (encoded, identical texts once per batch);
+        without a document, the stored embedding of its id, else the store's text. A candidate
+        with no text anywhere scores -1 (the lowest cosine) and the ranking gets a note.
+        """
+        import numpy as np
+
+        has_index = self._try_open()
+        need_text = [
+            c.doc_id
+            for r in rankings
+            for c in r.candidates
+            if c.document is None and not (has_index and c.doc_id in self._row_of)
+        ]
+        stored = self.context.store.get_many(need_text) if need_text and self.context.index_dir else {}
+        texts: dict[str, int] = {}  # text -> position in the batch to encode
+        vectors: dict[str, np.ndarray] = {}  # doc id -> stored embedding
+        plan: list[list[tuple[str, Any]]] = []
+        with self.lock:
+            for r in rankings:
+                items: list[tuple[str, Any]] = []
+                for c in r.candidates:
+                    doc = c.document or stored.get(c.doc_id)
+                    if c.document is None and has_index and c.doc_id in self._row_of:
+                        if c.doc_id not in vectors:
+                            vectors[c.doc_id] = self._emb[self._row_of[c.doc_id]]
+                        items.append(("stored", c.doc_id))
+                    elif doc is not None:
+                        text = self.config.document_prefix + doc.contents
+                        items.append(("text", texts.setdefault(text, len(texts))))
+                    else:
+                        items.append(("none", None))
+                plan.append(items)
+        started = time.perf_counter()
+        encoded = self._encode(list(texts)) if texts else None
+        encode_s = time.perf_counter() - started
+        results = []
+        for r, qvec, items in zip(rankings, prepared, plan, strict=True):
+            scores = []
+            for kind, ref in items:
+                if kind == "stored":
+                    scores.append(float(np.dot(vectors[ref], qvec)))
+                elif kind == "text":
+                    scores.append(float(np.dot(encoded[ref], qvec)))
+                else:
+                    scores.append(-1.0)
+            if any(kind == "none" for kind, _ in items):
+                r.notes.append(f"{self.name}: some supplied candidates have no text anywhere; scored -1")
+            if texts:
+                r.calls.append(
+                    ModelCall(
+                        self.name,
+                        self.config.model,
+                        seconds=encode_s / len(rankings),
+                        note="passage embeddings",
+                    )
+                )
+            results.append(scores)
+        return results
+
+
+def _save_npy(path: Path, array: Any, np: Any) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
