@@ -72,8 +72,27 @@ def _java() -> SimpleNamespace:
         "Occur": "org.apache.lucene.search.BooleanClause$Occur",
         "MatchAll": "org.apache.lucene.search.MatchAllDocsQuery",
         "Version": "org.apache.lucene.util.Version",
+        "LuceneDocument": "org.apache.lucene.document.Document",
+        "StringField": "org.apache.lucene.document.StringField",
+        "BinaryDocValuesField": "org.apache.lucene.document.BinaryDocValuesField",
+        "Store": "org.apache.lucene.document.Field$Store",
+        "BytesRef": "org.apache.lucene.util.BytesRef",
     }
     return SimpleNamespace(**{key: autoclass(name) for key, name in names.items()})
+
+
+def _id_only_document(doc_id: str) -> Any:
+    """A Lucene document with an id and no terms, for documents whose text is empty.
+
+    Anserini's generator refuses empty documents (Cranfield has two); indexing the id alone keeps
+    the index in step with the store (so recovery does not re-add them forever) while they match
+    no query, as an empty document should.
+    """
+    j = _java()
+    lucene_doc = j.LuceneDocument()
+    lucene_doc.add(j.StringField("id", doc_id, j.Store.YES))
+    lucene_doc.add(j.BinaryDocValuesField("id", j.BytesRef(doc_id.encode())))
+    return lucene_doc
 
 
 class BM25Retriever(IndexedRetriever):
@@ -126,7 +145,10 @@ class BM25Retriever(IndexedRetriever):
         j = _java()
         generator = self._generator()
         for doc in documents:
-            lucene_doc = generator.createDocument(j.JsonDocument.fromFields(doc.id, doc.contents))
+            if doc.contents.strip():
+                lucene_doc = generator.createDocument(j.JsonDocument.fromFields(doc.id, doc.contents))
+            else:
+                lucene_doc = _id_only_document(doc.id)
             if replace:
                 writer.updateDocument(j.Term("id", doc.id), lucene_doc)
             else:
