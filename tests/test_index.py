@@ -615,3 +615,16 @@ def test_index_modules_import_no_heavy_libraries() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_empty_document_is_indexed_by_id_only(copy_dir: Path, minilm: Any) -> None:
+    """Anserini refuses empty documents; the stage indexes their id so index and store stay in step."""
+    ctx = context_for(copy_dir, minilm)
+    stage = bm25(ctx)
+    empty = Document("empty-doc", "", "")
+    ctx.store.upsert([empty])
+    stage.add([empty])
+    assert "empty-doc" in stage.indexed_ids()
+    assert stage.manifest()["doc_count"] == N_DOCS + 1
+    assert "empty-doc" not in search(stage, "cell")[0].doc_ids()
+    ctx.close()
