@@ -80,7 +80,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamrank.service.app import serve
 
-    serve(pipelines=args.pipeline, host=args.host, port=args.port, corpus=args.corpus, index_dir=args.index_dir)
+    serve(
+        pipelines=args.pipeline,
+        host=args.host,
+        port=args.port,
+        corpus=args.corpus,
+        index_dir=args.index_dir,
+        config=args.config,
+    )
     return 0
 
 
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dir")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (or $STREAMRANK_HOST)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (or $STREAMRANK_PORT)")
+    p.add_argument("--config", help="service settings TOML (or $STREAMRANK_SERVICE_CONFIG)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, ppr, service, retrieval")

@@ -1,0 +1,281 @@
+"""Running pipeline calls for the service: micro-batching, deadlines, and a read/write lock.
+
+Micro-batching (temporal fusion, as in Flover): requests to the same pipeline that arrive within
+``window`` of the first one waiting are fused into one ``Pipeline.run`` call of at most
+``max_batch`` rankings, so model stages encode and score them together. While ``workers`` batches
+are in flight new requests queue up and form the next batch, so under load batches grow without
+any extra wait. The first request of a batch never waits longer than the window for company.
+Model calls run in worker threads; the event loop only queues and wakes.
+
+Deadlines: each request may carry one (a ``time.monotonic()`` value). The batch runs with the
+latest deadline of its members (``Pipeline.run`` skips stages that would start after it) and
+reports each finished stage. A request whose own deadline passes while a stage is still running
+gets the ranking of the last finished stage (or the supplied order, for reranking), marked
+``degraded`` with a note, instead of waiting; the batch goes on for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from streamrank.pipeline import Pipeline
+from streamrank.types import Ranking
+
+log = logging.getLogger("streamrank.service")
+
+BatchObserver = Callable[[int, dict[str, float]], None]
+"""Called once per executed batch with its size and per-stage wall times (ms)."""
+
+
+def _largest(values: Sequence[float | None]) -> float | None:
+    """The largest value, or None when any is None (no limit for one means no limit for the batch)."""
+    if any(v is None for v in values):
+        return None
+    return max(v for v in values if v is not None)
+
+
+class ServiceUnavailable(Exception):
+    """The service cannot answer now: still loading, failed to load, or shutting down (HTTP 503)."""
+
+
+class ReadWriteLock:
+    """Many readers (searches) or one writer (index updates); a waiting writer goes next."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class Progress:
+    """The rankings after the last finished stage of one batch (written by its worker thread)."""
+
+    def __init__(self, stage_names: Sequence[str], start: list[Ranking] | None) -> None:
+        self._names = list(stage_names)
+        self._latest: tuple[str | None, list[Ranking] | None] = (None, start)
+
+    def update(self, stage: str, rankings: list[Ranking]) -> None:
+        self._latest = (stage, list(rankings))
+
+    def fallback(self, index: int) -> Ranking | None:
+        """The ``index``-th ranking so far, marked degraded.
+
+        None when no stage has finished yet, or every stage has (the full answer is moments away).
+        """
+        done, rankings = self._latest
+        position = self._names.index(done) + 1 if done is not None else 0
+        if rankings is None or position >= len(self._names):
+            return None
+        running = self._names[position]
+        source = f"stage {done!r}" if done is not None else "the supplied order"
+        note = f"deadline reached before stage {running!r} finished; ranking from {source} returned"
+        ranking = rankings[index]
+        return replace(ranking, degraded=True, notes=[*ranking.notes, note], timings_ms=dict(ranking.timings_ms))
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or riding in, a batch."""
+
+    ranking: Ranking
+    k: int | None
+    deadline: float | None
+    future: asyncio.Future[Ranking]
+    enqueued: float = field(default_factory=time.monotonic)
+    progress: Progress | None = None
+    index: int = 0
+    batch_size: int = 0
+    started: float | None = None
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ranking: Ranking
+    batch_size: int
+    queue_ms: float
+
+
+class PipelineRunner:
+    """Runs rankings of one kind (search or rerank) through one pipeline, alone or fused.
+
+    ``max_batch=1, window_s=0`` is plain per-request execution with ``workers`` threads.
+    ``lock`` is held for reading around every pipeline call (document writes take it for writing).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        max_batch: int,
+        window_s: float,
+        workers: int,
+        lock: ReadWriteLock,
+        observer: BatchObserver | None = None,
+        name: str = "",
+    ) -> None:
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.lock = lock
+        self.observer = observer
+        self._stage_names = [s.name for s in pipeline.stages]
+        # An empty pipeline over the same context finishes a fallback ranking exactly as a full
+        # run finishes its output: top-k, then documents attached from the store.
+        self._finisher = Pipeline(pipeline.name, [], pipeline.context)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"pipeline-{name or pipeline.name}")
+        self._slots = asyncio.Semaphore(workers)
+        self._pending: deque[Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"batcher-{name or pipeline.name}")
+
+    async def run(self, ranking: Ranking, *, k: int | None, deadline: float | None) -> RunResult:
+        """Rank one request; past its deadline, return the best finished ranking (degraded)."""
+        loop = asyncio.get_running_loop()
+        job = Job(ranking=ranking, k=k, deadline=deadline, future=loop.create_future())
+        # A late batch may fail after its waiters left with a fallback: keep that quiet.
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending.append(job)
+        self._wakeup.set()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            result = await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            result = await self._fallback(job)
+        queue_ms = ((job.started or time.monotonic()) - job.enqueued) * 1000.0
+        return RunResult(ranking=result, batch_size=job.batch_size or 1, queue_ms=queue_ms)
+
+    async def _fallback(self, job: Job) -> Ranking:
+        if job.progress is not None:
+            ranking = job.progress.fallback(job.index)
+        else:  # still queued: only a supplied candidate list can be returned as it is
+            start = [job.ranking] if job.ranking.candidates else None
+            ranking = Progress(self._stage_names, start).fallback(0)
+            job.abandoned = ranking is not None
+        if ranking is None:  # nothing to fall back on, or nothing left to cut: wait for the run
+            return await job.future
+        return (await asyncio.to_thread(self._finisher.run, [ranking], k=job.k))[0]
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._pending[0]
+            while len(self._pending) < self.max_batch:
+                remaining = first.enqueued + self.window_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            batch: list[Job] = []
+            while self._pending and len(batch) < self.max_batch:
+                job = self._pending.popleft()
+                if not job.abandoned:
+                    batch.append(job)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        start = [j.ranking for j in batch] if all(j.ranking.candidates for j in batch) else None
+        progress = Progress(self._stage_names, start)
+        now = time.monotonic()
+        for i, job in enumerate(batch):
+            job.progress, job.index, job.batch_size, job.started = progress, i, len(batch), now
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._run_batch, batch, progress)
+        except Exception as exc:  # handed to every waiter
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            for job, outcome in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+        finally:
+            self._slots.release()
+
+    def _run_batch(self, batch: list[Job], progress: Progress) -> list[Ranking | Exception]:
+        """In a worker thread: one fused pipeline call; if it fails, each request alone (isolates the culprit)."""
+        k = _largest([j.k for j in batch])
+        try:
+            with self.lock.read():
+                results = self.pipeline.run(
+                    [j.ranking for j in batch],
+                    k=None if k is None else int(k),
+                    deadline=_largest([j.deadline for j in batch]),
+                    on_stage=progress.update,
+                )
+        except Exception:
+            if len(batch) == 1:
+                raise
+            log.warning("a batch of %d failed; running its requests one by one", len(batch), exc_info=True)
+            return [self._run_alone(job) for job in batch]
+        if self.observer is not None and results:
+            self.observer(len(batch), results[0].timings_ms)
+        return [r.top_k(j.k) if j.k is not None else r for r, j in zip(results, batch, strict=True)]
+
+    def _run_alone(self, job: Job) -> Ranking | Exception:
+        try:
+            with self.lock.read():
+                return self.pipeline.run([job.ranking], k=job.k, deadline=job.deadline)[0]
+        except Exception as exc:  # returned to this request only
+            return exc
+
+    async def close(self) -> None:
+        """Stop taking batches, fail queued requests with 503, and wait for running model calls."""
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatcher
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(ServiceUnavailable("the service is shutting down"))
+        self._pending.clear()
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
