@@ -126,3 +126,19 @@ def test_bm25_crash_then_restart_keeps_acknowledged_and_recovers_unindexed(
             assert hits[0]["id"] == doc_id, json.dumps(hits)[:500]
     finally:
         server.stop()
+
+
+def test_cli_search_gives_the_same_ranking(scifact_small: SimpleNamespace) -> None:
+    """Python API (the fixture), HTTP (above) and the CLI agree on one query: same ids, same scores."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "streamrank", "search", QUERY, "-k", "5", "--json", "--pipeline", str(BM25),
+         "--corpus", str(scifact_small.folder), "--index-dir", str(scifact_small.index)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    body = json.loads(out.stdout)
+    assert [(h["id"], h["score"]) for h in body["results"]] == [
+        (h["id"], h["score"]) for h in scifact_small.expected["results"]
+    ]
