@@ -89,6 +89,11 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes (max_body_bytes)")
 
 
+def _not_json(content_type: str | None) -> bool:
+    """True for a missing content type or curl's default form type (not multipart uploads)."""
+    return content_type is None or content_type.split(";")[0].strip() in ("", "application/x-www-form-urlencoded")
+
+
 class RequestContextMiddleware:
     """Request id, body-size limit, request metrics, and a JSON 500 for anything unhandled."""
 
@@ -108,6 +113,10 @@ class RequestContextMiddleware:
         token = REQUEST_ID.set(rid)
         scope.setdefault("state", {})["started"] = time.monotonic()
         status, response_started, received = 500, False, 0
+        if scope["method"] in ("POST", "PUT") and _not_json(headers.get("content-type")):
+            # Every body this API takes is JSON: `curl -d '{...}'` (form content type) must just work.
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope["headers"].append((b"content-type", b"application/json"))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started

@@ -205,7 +205,8 @@ def test_body_too_large_is_413_with_or_without_content_length(client: TestClient
     [
         (b'{"query": "sleep",', "application/json", "not valid JSON"),
         (b"\xff\xfe\x00", "application/json", "not valid JSON"),
-        (b'{"query": "sleep"}', None, "JSON object"),
+        (b'"sleep"', None, "JSON object"),
+        (b"query=sleep", "application/x-www-form-urlencoded", "not valid JSON"),
         (b"[1, 2]", "application/json", "JSON object"),
         (b'{"k": 3}', "application/json", "query: Field required"),
         (b'{"query": "sleep", "k": "ten"}', "application/json", "k:"),
@@ -221,6 +222,16 @@ def test_malformed_requests_are_422_never_500(
     r = client.post("/search", content=content, headers=headers)
     assert r.status_code == 422, r.text
     assert fragment in r.json()["message"] and r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_json_body_sent_the_curl_way_is_accepted(client: TestClient) -> None:
+    """`curl -d '{...}'` sends a form content type; the body is still JSON and is read as such."""
+    expected = client.post("/search", json={"query": "sleep", "k": 2}).json()["results"]
+    assert expected
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = client.post("/search", content=b'{"query": "sleep", "k": 2}', headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == expected
 
 
 def test_unknown_route_and_pipeline(client: TestClient) -> None:
