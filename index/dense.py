@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from streamrank.errors import IndexMismatchError
 from streamrank.index import manifest as mf
@@ -72,6 +72,19 @@ class DenseConfig(IndexedConfig):
     """Text put before every document (index-time: a change needs a rebuild)."""
     use_gpu: bool = True
     """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
+    lowrank: dict[str, Any] | None = None
+    """SVD-compressed encoder on the fused low-rank kernels, e.g. ``{ratio = 0.5, backend = "auto"}``
+    (keys of :class:`streamrank.kernels.lowrank.LowRankSettings`). Embeddings change, so a
+    low-rank index is a different index: give it its own ``index`` folder."""
+
+    @field_validator("lowrank")
+    @classmethod
+    def _check_lowrank(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from streamrank.kernels.lowrank import LowRankSettings
+
+            LowRankSettings.from_dict(value)  # raises ValueError naming an unknown key
+        return value
 
 
 def canonical_model(name: str) -> str:
@@ -107,7 +120,19 @@ class DenseRetriever(IndexedRetriever):
     # ---- encoding -----------------------------------------------------------------------------
     @property
     def encoder(self) -> Any:
-        return self.context.sentence_encoder(self.config.model)
+        if self.config.lowrank is None:
+            return self.context.sentence_encoder(self.config.model)
+        key = ("sentence-encoder", self.config.model, json.dumps(self.config.lowrank, sort_keys=True))
+        return self.context.shared(key, self._lowrank_encoder)
+
+    def _lowrank_encoder(self) -> Any:
+        """A private copy of the encoder, SVD-compressed (the shared uncompressed one stays as it is)."""
+        from streamrank.kernels.lowrank import LowRankSettings
+        from streamrank.models import load_sentence_encoder
+
+        encoder = load_sentence_encoder(self.config.model, self.context.device)
+        LowRankSettings.from_dict(self.config.lowrank or {}).apply(encoder)
+        return encoder
 
     def _encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         import numpy as np
@@ -163,6 +188,8 @@ class DenseRetriever(IndexedRetriever):
             "document_prefix": cfg.document_prefix,
             "index_type": cfg.index_type,
         }
+        if cfg.lowrank is not None:
+            settings["lowrank"] = cfg.lowrank
         if cfg.index_type == "hnsw":
             settings.update(hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction)
         elif cfg.index_type == "ivfpq":

@@ -628,3 +628,19 @@ def test_empty_document_is_indexed_by_id_only(copy_dir: Path, minilm: Any) -> No
     assert stage.manifest()["doc_count"] == N_DOCS + 1
     assert "empty-doc" not in search(stage, "cell")[0].doc_ids()
     ctx.close()
+
+
+def test_lowrank_encoder_streaming_path_equals_unfused(tmp_path: Path, docs: list[Document]) -> None:
+    """`lowrank = {...}` compresses the dense encoder; the streaming kernels give the unfused scores."""
+    pool = docs[:8]
+    scores = {}
+    for backend in ("unfused", "torch"):
+        body = f'[[stages]]\nkind = "dense"\nlowrank = {{ratio = 0.5, backend = "{backend}"}}\n'
+        pipeline = load_pipeline(write_pipeline(tmp_path, body))
+        ranking = pipeline.rerank(pool[3].title, pool)
+        scores[backend] = {c.doc_id: c.score for c in ranking.candidates}
+        assert pipeline.stages[0].settings()["lowrank"]["backend"] == backend  # part of the manifest
+    assert scores["torch"].keys() == scores["unfused"].keys()
+    assert max(abs(scores["torch"][d] - scores["unfused"][d]) for d in scores["torch"]) <= 1e-4
+    with pytest.raises(ConfigError, match="unknown lowrank setting 'bakend'"):
+        load_pipeline(write_pipeline(tmp_path, '[[stages]]\nkind = "dense"\nlowrank = {bakend = "torch"}\n'))
