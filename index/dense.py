@@ -72,6 +72,8 @@ class DenseConfig(IndexedConfig):
     """Text put before every document (index-time: a change needs a rebuild)."""
     use_gpu: bool = True
     """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
+    history_weight: float = Field(0.0, ge=0, le=1)
+    """Mix the query vector with the centroid of the request's user_history embeddings (0 = off)."""
     lowrank: dict[str, Any] | None = None
     """SVD-compressed encoder on the fused low-rank kernels, e.g. ``{ratio = 0.5, backend = "auto"}``
     (keys of :class:`streamrank.kernels.lowrank.LowRankSettings`). Embeddings change, so a
@@ -385,7 +387,18 @@ class DenseRetriever(IndexedRetriever):
         share = (time.perf_counter() - started) / max(1, len(rankings))
         for r in rankings:
             r.calls.append(ModelCall(self.name, self.config.model, seconds=share, note="query embedding"))
+        if self.config.history_weight > 0:
+            self._personalise(rankings, vectors)
         return vectors
+
+    def _personalise(self, rankings: Sequence[Ranking], vectors: np.ndarray) -> None:
+        """Mix each query vector with the centroid of its user history (known documents only)."""
+        from streamrank.index.graph import personalised_query
+
+        for i, r in enumerate(rankings):
+            history = [d for d in r.query.user_history if d in self._row_of or d in self.context.store]
+            if history:
+                vectors[i] = personalised_query(vectors[i], self.embeddings_for(history), self.config.history_weight)
 
     def _searchable(self) -> Any:
         """The index to search: a GPU copy when faiss-gpu sees a GPU (flat / IVF-PQ), else the CPU one."""

@@ -644,3 +644,14 @@ def test_lowrank_encoder_streaming_path_equals_unfused(tmp_path: Path, docs: lis
     assert max(abs(scores["torch"][d] - scores["unfused"][d]) for d in scores["torch"]) <= 1e-4
     with pytest.raises(ConfigError, match="unknown lowrank setting 'bakend'"):
         load_pipeline(write_pipeline(tmp_path, '[[stages]]\nkind = "dense"\nlowrank = {bakend = "torch"}\n'))
+
+
+def test_history_weight_moves_the_query_towards_the_history(ctx: PipelineContext, docs: list[Document]) -> None:
+    """A user history pulls dense results towards it; without history nothing changes."""
+    plain, personal = dense(ctx), dense(ctx, history_weight=0.8)
+    query = "cell biology"
+    target = docs[10]
+    without = personal.run([Ranking(query=Query("q", query))])[0]
+    assert without.doc_ids() == plain.run([Ranking(query=Query("q", query))])[0].doc_ids()
+    with_history = personal.run([Ranking(query=Query("q", query, user_history=(target.id, "no-such-doc")))])[0]
+    assert with_history.doc_ids().index(target.id) < without.doc_ids().index(target.id)

@@ -1,0 +1,273 @@
+"""The corpus graph: a k-nearest-neighbour graph over document embeddings, plus user-supplied edges.
+
+Nodes are documents (row ``i`` is ``ids[i]``); an edge ``u - v`` with weight ``cos(u, v)`` joins each
+document to its ``neighbors`` most similar documents (exact inner-product search with FAISS over
+the dense stage's normalised embeddings), symmetrised by taking the larger weight of ``u -> v`` and
+``v -> u``. Optional user edges (citations, links) come from an edge list file, one ``src dst
+[weight]`` per line, and are added on top with a configurable weight.
+
+``add`` links new documents to their k nearest neighbours in both directions without trimming
+existing neighbour lists, so after many additions the graph is a superset of what a rebuild gives;
+``delete`` drops rows and columns. Both return the rows whose out-edges changed, which is what the
+Monte Carlo fingerprints need to refresh.
+
+Also here: :func:`personalised_query`, the query-vector mixing a personalised dense search uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+GRAPH_FILE = "graph.npz"
+
+
+def personalised_query(query_vec: np.ndarray, history_vecs: np.ndarray, weight: float) -> np.ndarray:
+    """Mix query vector(s) with the centroid of a user's history embeddings, then L2-normalise.
+
+    ``(1 - weight) * q + weight * mean(history)``; with no history (or ``weight == 0``) ``q`` is
+    returned unchanged. ``query_vec`` may be one vector (d) or a batch (b x d) sharing one history.
+    """
+    history = np.asarray(history_vecs, dtype=np.float32).reshape(-1, np.shape(query_vec)[-1])
+    if weight <= 0 or len(history) == 0:
+        return np.asarray(query_vec, dtype=np.float32)
+    mixed = (1.0 - weight) * np.asarray(query_vec, dtype=np.float32) + weight * history.mean(axis=0)
+    norm = np.linalg.norm(mixed, axis=-1, keepdims=True)
+    return (mixed / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def knn_edges(
+    queries: np.ndarray, base: np.ndarray, k: int, query_rows: np.ndarray | None = None, batch: int = 16384
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact inner-product kNN (FAISS) of ``queries`` in ``base``, as COO arrays (row, col, sim).
+
+    ``query_rows[i]`` is the base row of query ``i`` (its own match is skipped) and the COO row;
+    default ``arange``. Returns at most ``k`` edges per query, best first.
+    """
+    import faiss
+
+    n_q = len(queries)
+    rows_of = np.arange(n_q) if query_rows is None else np.asarray(query_rows)
+    k_eff = min(k + 1, len(base))
+    if n_q == 0 or k_eff == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    out_r, out_c, out_s = [], [], []
+    base32 = np.ascontiguousarray(base, dtype=np.float32)
+    for lo in range(0, n_q, batch):
+        q = np.ascontiguousarray(queries[lo : lo + batch], dtype=np.float32)
+        sims, idx = faiss.knn(q, base32, k_eff, metric=faiss.METRIC_INNER_PRODUCT)
+        own = rows_of[lo : lo + batch, None]
+        valid = (idx >= 0) & (idx != own)
+        valid &= np.cumsum(valid, axis=1) <= k
+        r = np.broadcast_to(own, idx.shape)
+        out_r.append(r[valid])
+        out_c.append(idx[valid])
+        out_s.append(sims[valid])
+    return (
+        np.concatenate(out_r),
+        np.concatenate(out_c).astype(np.int64),
+        np.concatenate(out_s).astype(np.float32),
+    )
+
+
+def read_edge_list(path: str | Path) -> list[tuple[str, str, float]]:
+    """Parse an edge list file: ``src dst [weight]`` per line (whitespace or tab separated; ``#`` comments)."""
+    edges = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{path}:{number}: expected 'src dst [weight]', got {line!r}")
+        weight = float(parts[2]) if len(parts) == 3 else 1.0
+        edges.append((parts[0], parts[1], weight))
+    return edges
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (identifies the edge list a graph was built with)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class CorpusGraph:
+    """A document graph: ``ids`` (row order), the symmetric kNN similarity matrix and user edges."""
+
+    ids: list[str]
+    knn: sp.csr_matrix
+    neighbors: int
+    min_similarity: float = 0.0
+    user_edges: list[tuple[str, str, float]] = field(default_factory=list)
+    version: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Changes with every add/delete; derived data (fingerprints) records the version it was made from."""
+    row_of: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_embeddings(
+        cls, ids: Sequence[str], embeddings: np.ndarray, *, neighbors: int = 10, min_similarity: float = 0.0
+    ) -> CorpusGraph:
+        """The symmetrised kNN graph of L2-normalised ``embeddings`` (row i belongs to ``ids[i]``)."""
+        if len(ids) != len(embeddings):
+            raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
+        graph = cls(list(ids), _empty(len(ids)), neighbors, min_similarity)
+        graph.knn = graph._symmetric(*knn_edges(embeddings, embeddings, neighbors), len(ids))
+        return graph
+
+    def _symmetric(self, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, n: int) -> sp.csr_matrix:
+        import scipy.sparse as sp
+
+        keep = sims > self.min_similarity
+        directed = sp.csr_matrix((sims[keep], (rows[keep], cols[keep])), shape=(n, n), dtype=np.float32)
+        return sp.csr_matrix(directed.maximum(directed.T))
+
+    # ---- updates --------------------------------------------------------------------------------
+    def add(self, ids: Sequence[str], embeddings: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """Add or re-link documents ``ids`` (their embeddings) to their kNN among all nodes.
+
+        ``base`` holds the embeddings of every node after the update, in row order: the current
+        ``ids`` followed by the genuinely new ones in the order given. Returns the rows whose
+        out-edges changed.
+        """
+        import scipy.sparse as sp
+
+        ids = list(ids)
+        new = [doc_id for doc_id in dict.fromkeys(ids) if doc_id not in self.row_of]
+        n = len(self.ids) + len(new)
+        if len(base) != n:
+            raise ValueError(f"base has {len(base)} rows; expected {n} (existing + new nodes)")
+        knn = self.knn.copy()
+        knn.resize((n, n))
+        self.ids.extend(new)
+        self.row_of.update({doc_id: len(self.row_of) + i for i, doc_id in enumerate(new)})
+        rows = np.array([self.row_of[doc_id] for doc_id in ids], dtype=np.int64)
+        old_neighbours = np.unique(knn[rows].indices) if len(rows) else np.zeros(0, dtype=np.int64)
+        knn = _drop_nodes_edges(knn, rows)
+        r, c, s = knn_edges(embeddings, base, self.neighbors, query_rows=rows)
+        self.knn = sp.csr_matrix(knn.maximum(self._symmetric(r, c, s, n)))
+        self.version = uuid.uuid4().hex
+        return np.unique(np.concatenate([rows, c, old_neighbours]))
+
+    def delete(self, doc_ids: Iterable[str]) -> np.ndarray:
+        """Remove documents (unknown ids ignored); returns the surviving rows (new numbering) that lost edges."""
+        gone = np.array(sorted({self.row_of[d] for d in doc_ids if d in self.row_of}), dtype=np.int64)
+        if len(gone) == 0:
+            return np.zeros(0, dtype=np.int64)
+        keep = np.ones(len(self.ids), dtype=bool)
+        keep[gone] = False
+        touched = np.zeros(len(self.ids), dtype=bool)
+        touched[self.knn[:, gone].tocoo().row] = True
+        self.knn = self.knn[keep][:, keep].tocsr()
+        self.ids = [doc_id for doc_id, k in zip(self.ids, keep, strict=True) if k]
+        self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        self.version = uuid.uuid4().hex
+        return np.flatnonzero(touched[keep])
+
+    # ---- the matrix solvers use -----------------------------------------------------------------
+    def user_matrix(self) -> tuple[sp.csr_matrix, int]:
+        """User edges between known documents as a sparse matrix, and how many edges were skipped."""
+        import scipy.sparse as sp
+
+        n = len(self.ids)
+        found = [
+            (self.row_of[s], self.row_of[d], w)
+            for s, d, w in self.user_edges
+            if s in self.row_of and d in self.row_of
+        ]
+        skipped = len(self.user_edges) - len(found)
+        if not found:
+            return _empty(n), skipped
+        r, c, w = (np.array(col) for col in zip(*found, strict=True))
+        return sp.csr_matrix((w.astype(np.float32), (r, c)), shape=(n, n)), skipped
+
+    def adjacency(self, user_weight: float = 1.0) -> sp.csr_matrix:
+        """kNN similarities plus ``user_weight`` times the user edges (duplicates summed)."""
+        if not self.user_edges or user_weight == 0:
+            return self.knn
+        user, _ = self.user_matrix()
+        return (self.knn + user_weight * user).tocsr()
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Write ``graph.npz`` (matrix, ids, settings, version) atomically into ``folder``."""
+        meta = {"neighbors": self.neighbors, "min_similarity": self.min_similarity, "version": self.version}
+        save_sparse(Path(folder) / GRAPH_FILE, self.knn, meta, ids=np.array(self.ids, dtype=str))
+
+    @classmethod
+    def load(cls, folder: Path, user_edges: list[tuple[str, str, float]] | None = None) -> CorpusGraph:
+        """The graph ``save`` wrote into ``folder``, with ``user_edges`` on top."""
+        knn, meta, arrays = load_sparse(Path(folder) / GRAPH_FILE)
+        ids = [str(i) for i in arrays["ids"]]
+        return cls(
+            ids, knn, meta["neighbors"], meta["min_similarity"], list(user_edges or []), meta["version"]
+        )
+
+    def nbytes(self) -> int:
+        return int(self.knn.data.nbytes + self.knn.indices.nbytes + self.knn.indptr.nbytes)
+
+
+def save_sparse(path: Path, matrix: sp.csr_matrix, meta: dict, **arrays: np.ndarray) -> None:
+    """Write a CSR matrix, a JSON-able ``meta`` dict and extra arrays as one ``.npz``, atomically."""
+    from streamrank.index.manifest import write_atomic
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                data=matrix.data,
+                indices=matrix.indices,
+                indptr=matrix.indptr,
+                shape=np.array(matrix.shape),
+                meta=np.array(json.dumps(meta)),
+                **arrays,
+            )
+
+    write_atomic(path, write)
+
+
+def load_sparse(path: Path) -> tuple[sp.csr_matrix, dict, dict[str, np.ndarray]]:
+    """What :func:`save_sparse` wrote: the matrix, ``meta`` and the extra arrays."""
+    import scipy.sparse as sp
+
+    with np.load(path) as z:
+        matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+        meta = json.loads(str(z["meta"]))
+        arrays = {k: z[k] for k in z.files if k not in {"data", "indices", "indptr", "shape", "meta"}}
+    return matrix, meta, arrays
+
+
+def _empty(n: int) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((n, n), dtype=np.float32)
+
+
+def _drop_nodes_edges(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """``matrix`` without any edge touching ``rows`` (those rows and columns zeroed, structure pruned)."""
+    import scipy.sparse as sp
+
+    if len(rows) == 0:
+        return matrix
+    mask = np.ones(matrix.shape[0], dtype=np.float32)
+    mask[rows] = 0.0
+    d = sp.diags(mask)
+    out = sp.csr_matrix(d @ matrix @ d)
+    out.eliminate_zeros()
+    return out

@@ -1,0 +1,306 @@
+"""Corpus graph and Personalized PageRank: solvers against networkx, fingerprints, the ppr stage."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from streamrank.context import PipelineContext
+from streamrank.errors import IndexMissingError
+from streamrank.index.graph import CorpusGraph, personalised_query, read_edge_list
+from streamrank.index.ppr import (
+    PPRStage,
+    build_fingerprints,
+    fingerprint_ppr,
+    fuse_with_ppr,
+    power_iteration,
+    transition_matrix,
+)
+from streamrank.models import MINILM
+from streamrank.types import Candidate, Document, Query, Ranking
+
+
+# ---- solvers ------------------------------------------------------------------------------------
+def weighted_graph(n: int = 30, dangling: bool = False) -> nx.DiGraph:
+    graph = nx.gnm_random_graph(n, 3 * n, seed=1, directed=True)
+    if not dangling:
+        graph.add_edges_from((i, (i + 1) % n) for i in range(n))
+    for u, v in graph.edges:
+        graph[u][v]["weight"] = 1.0 + (7 * u + v) % 5
+    return graph
+
+
+def as_arrays(graph: nx.DiGraph, personalization: dict[int, float]) -> tuple[sp.csr_matrix, np.ndarray]:
+    n = graph.number_of_nodes()
+    seeds = np.zeros(n)
+    for node, mass in personalization.items():
+        seeds[node] = mass
+    return nx.to_scipy_sparse_array(graph, nodelist=range(n), weight="weight"), seeds
+
+
+def networkx_ppr(graph: nx.DiGraph, personalization: dict[int, float]) -> np.ndarray:
+    ref = nx.pagerank(graph, alpha=0.85, personalization=personalization, tol=1e-13, max_iter=2000)
+    return np.array([ref[i] for i in range(graph.number_of_nodes())])
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_power_iteration_matches_networkx(dangling: bool) -> None:
+    graph = weighted_graph(dangling=dangling)
+    first, second = {0: 0.5, 3: 0.3, 7: 0.2}, {12: 1.0}
+    adjacency, s1 = as_arrays(graph, first)
+    _, s2 = as_arrays(graph, second)
+    P, dangling_mask = transition_matrix(adjacency)
+    assert dangling_mask.any() == dangling
+    batch = power_iteration(P, np.stack([s1, s2], axis=1), tol=1e-12, max_iter=2000)
+    np.testing.assert_allclose(batch[:, 0], networkx_ppr(graph, first), atol=1e-9)
+    np.testing.assert_allclose(batch[:, 1], networkx_ppr(graph, second), atol=1e-9)
+    np.testing.assert_allclose(power_iteration(P, s1, tol=1e-12, max_iter=2000), batch[:, 0])
+
+
+def test_fingerprints_converge_to_the_exact_answer_as_walks_grow() -> None:
+    graph = weighted_graph()
+    personalization = {0: 0.5, 3: 0.3, 7: 0.2}
+    adjacency, seeds = as_arrays(graph, personalization)
+    exact = networkx_ppr(graph, personalization)
+    P, _ = transition_matrix(adjacency)
+    errors, refined = [], []
+    for walks in (16, 256, 4096):
+        F = build_fingerprints(P, walks=walks, max_length=200, seed=0)
+        S = sp.csr_matrix(seeds[None, :])
+        errors.append(np.abs(fingerprint_ppr(F, S).toarray()[0] - exact).sum())
+        refined.append(np.abs(fingerprint_ppr(F, S, P=P, refine_steps=2).toarray()[0] - exact).sum())
+    np.testing.assert_allclose(np.asarray(F.sum(axis=1)).ravel(), 1.0, atol=0.1)  # visit mass ~ 1 per row
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.03
+    assert all(r < e for r, e in zip(refined, errors, strict=True))  # PowerWalk's online steps help
+
+
+def test_fingerprints_of_a_subset_and_row_replacement() -> None:
+    adjacency, _ = as_arrays(weighted_graph(), {0: 1.0})
+    P, _ = transition_matrix(adjacency)
+    F = build_fingerprints(P, walks=64, seed=1)
+    part = build_fingerprints(P, walks=64, seed=2, sources=np.array([4, 9]))
+    assert part.shape == (2, 30) and part[0, 4] >= 0.15 - 1e-6 and part[1, 9] >= 0.15 - 1e-6
+    from streamrank.index.ppr import replace_rows
+
+    G = replace_rows(F, np.array([4, 9]), part)
+    assert (G[4] != part[0]).nnz == 0 and (G[0] != F[0]).nnz == 0
+
+
+def test_fusion_methods() -> None:
+    rank = np.array([1.0, 2.0, np.nan])
+    score = np.array([0.9, 0.5, np.nan])
+    ppr = np.array([0.01, 0.2, 0.1])
+    rrf = fuse_with_ppr(rank, score, ppr, method="rrf", weight=0.5)
+    assert rrf[1] > rrf[0] > rrf[2] > 0
+    assert list(fuse_with_ppr(rank, score, ppr, method="ppr_only", weight=0.5)) == list(ppr)
+    interp = fuse_with_ppr(rank, score, ppr, method="interpolate", weight=0.0)
+    assert list(interp) == [1.0, 0.0, 0.0]
+
+
+def test_personalised_query_mixes_and_normalises() -> None:
+    q = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    history = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    mixed = personalised_query(q, history, 0.5)
+    assert np.isclose(np.linalg.norm(mixed), 1.0)
+    assert mixed[0] > mixed[1] > 0 and mixed[1] == pytest.approx(mixed[2])
+    np.testing.assert_array_equal(personalised_query(q, history[:0], 0.5), q)
+    batch = personalised_query(np.stack([q, q]), history, 0.5)
+    np.testing.assert_allclose(batch, np.stack([mixed, mixed]))
+    np.testing.assert_array_equal(personalised_query(q, history, 0.0), q)
+
+
+# ---- the graph and the stage --------------------------------------------------------------------
+TOPICS = {
+    "a": "cell membrane protein receptor signalling",
+    "b": "galaxy star orbit telescope redshift",
+    "c": "vaccine antibody immune infection trial",
+}
+
+
+def embed(text: str, dim: int = 64) -> np.ndarray:
+    """A deterministic bag-of-words embedding (hashed words), L2-normalised."""
+    vec = np.zeros(dim, dtype=np.float32)
+    for word in text.lower().split():
+        vec[zlib.crc32(word.encode()) % dim] += 1.0
+    return vec / max(np.linalg.norm(vec), 1e-9)
+
+
+class FakeDense:
+    """Stands in for the dense stage: the PPR stage only needs ``folder``, ``settings``, ``embeddings_for``."""
+
+    def __init__(self, context: PipelineContext) -> None:
+        self.context = context
+        self.folder = Path(context.index_dir) / "dense"
+
+    def settings(self) -> dict[str, str]:
+        return {"kind": "dense", "model": "fake-bag-of-words"}
+
+    def embeddings_for(self, doc_ids: list[str]) -> np.ndarray:
+        docs = self.context.store.get_many(doc_ids)
+        return np.stack([embed(docs[d].contents) for d in doc_ids])
+
+
+def corpus(per_topic: int = 8) -> list[Document]:
+    docs = []
+    for topic, words in TOPICS.items():
+        vocab = words.split()
+        for i in range(per_topic):
+            text = " ".join(vocab[j % len(vocab)] for j in range(i, i + 3)) + f" {topic}{i}"
+            docs.append(Document(id=f"{topic}{i}", text=text))
+    return docs
+
+
+def make_stage(tmp_path: Path, **options) -> PPRStage:
+    context = PipelineContext(tmp_path / "idx", corpus="toy")
+    context.shared(("dense-embeddings", MINILM), lambda: FakeDense(context))
+    stage = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, **options}, context)
+    context.store.upsert(corpus())
+    stage.build(context.store)
+    return stage  # type: ignore[return-value]
+
+
+def test_knn_graph_links_documents_of_one_topic() -> None:
+    docs = corpus()
+    graph = CorpusGraph.from_embeddings(
+        [d.id for d in docs], np.stack([embed(d.text) for d in docs]), neighbors=3
+    )
+    A = graph.knn
+    assert (A != A.T).nnz == 0 and A.diagonal().sum() == 0
+    rows, cols = A.nonzero()
+    same = [graph.ids[r][0] == graph.ids[c][0] for r, c in zip(rows, cols, strict=True)]
+    assert np.mean(same) > 0.9
+    assert min(np.diff(A.indptr)) >= 3
+
+
+def test_stage_expands_the_pool_and_scores_every_candidate(tmp_path: Path) -> None:
+    stage = make_stage(tmp_path, expand=5, k=10)
+    pool = [Candidate(doc_id=d, score=1.0 / (i + 1), rank=i + 1) for i, d in enumerate(["a0", "a1", "b0"])]
+    (out,) = stage.run([Ranking(query=Query(id="q", text="cell"), candidates=pool)])
+    ids = out.doc_ids()
+    assert {"a0", "a1", "b0"} <= set(ids) and len(ids) == 8
+    added = [c for c in out.candidates if c.doc_id not in {"a0", "a1", "b0"}]
+    assert all(c.document is None for c in added)
+    assert sum(c.doc_id.startswith("a") for c in added) >= 3  # neighbours of the stronger seeds
+    assert all(c.stage_scores["ppr"] > 0 and "ppr_fused" in c.stage_scores for c in out.candidates)
+    assert out.candidates[0].doc_id == "a0"
+
+
+def test_user_history_alone_generates_candidates_and_mixes_with_seeds(tmp_path: Path) -> None:
+    stage = make_stage(tmp_path, expand=5, k=6, history_weight=0.8)
+    (recommend,) = stage.run([Ranking(query=Query(id="q", text="x", user_history=("c2",)))])
+    assert recommend.doc_ids()[0] == "c2" and sum(d.startswith("c") for d in recommend.doc_ids()) >= 5
+    pool = [Candidate(doc_id=d, score=1.0, rank=i + 1) for i, d in enumerate(["b0", "b1"])]
+    plain, personal = stage.run(
+        [
+            Ranking(query=Query(id="q1", text="x"), candidates=pool),
+            Ranking(query=Query(id="q2", text="x", user_history=("c2", "c3")), candidates=pool),
+        ]
+    )
+    assert not any(d.startswith("c") for d in plain.doc_ids())
+    assert sum(d.startswith("c") for d in personal.doc_ids()) >= 3
+    stage.config.history_fusion_weight = 1.0  # history requests ranked by PPR alone
+    (by_history,) = stage.run([Ranking(query=Query(id="q", text="x", user_history=("c2",)), candidates=pool)])
+    assert by_history.doc_ids()[0] == "c2"
+
+
+def test_power_and_montecarlo_stages_agree(tmp_path: Path) -> None:
+    pool = [Candidate(doc_id=d, score=1.0, rank=i + 1) for i, d in enumerate(["a0", "a3", "b1"])]
+    ranking = Ranking(query=Query(id="q", text="x"), candidates=pool)
+    power = make_stage(tmp_path, expand=6, fusion="ppr_only").run([ranking])[0]
+    mc = make_stage(tmp_path, expand=6, fusion="ppr_only", solver="montecarlo", walks=2000).run([ranking])[0]
+    exact = {c.doc_id: c.stage_scores["ppr"] for c in power.candidates}
+    approx = {c.doc_id: c.stage_scores["ppr"] for c in mc.candidates}
+    assert set(power.doc_ids()[:5]) == set(mc.doc_ids()[:5])
+    for doc_id in set(exact) & set(approx):
+        assert approx[doc_id] == pytest.approx(exact[doc_id], abs=0.02)
+    assert list((tmp_path / "idx" / "graph").glob("fingerprints-*.npz"))
+
+
+@pytest.mark.parametrize("solver", ["power", "montecarlo"])
+def test_added_document_appears_in_the_graph_and_delete_removes_it(tmp_path: Path, solver: str) -> None:
+    stage = make_stage(tmp_path, solver=solver, walks=32, expand=3)
+    new = Document(id="a-new", text="membrane protein receptor cell")
+    stage.context.store.upsert([new])
+    stage.add([new])
+    graph = stage._solved.graph
+    row = graph.row_of["a-new"]
+    neighbours = {graph.ids[c] for c in graph.knn[row].indices}
+    assert len(neighbours) >= 3 and all(n.startswith("a") for n in neighbours)
+    assert all(graph.knn[graph.row_of[n], row] > 0 for n in neighbours)  # linked both ways
+    if solver == "montecarlo":
+        F = stage._solved.fingerprints
+        assert F.shape == (len(graph), len(graph)) and F[row, row] >= 0.15 - 1e-6
+
+    reopened = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, "solver": solver}, stage.context)
+    assert "a-new" in reopened.indexed_ids()  # persisted
+    pool = [Candidate(doc_id=n, score=1.0, rank=i + 1) for i, n in enumerate(sorted(neighbours))]
+    (out,) = reopened.run([Ranking(query=Query(id="q", text="x"), candidates=pool)])
+    assert "a-new" in out.doc_ids()
+
+    stage.delete(["a-new", "b0"])
+    assert "a-new" not in stage.indexed_ids() and "b0" not in stage.indexed_ids()
+    assert stage._solved.graph.knn.shape == (len(corpus()) - 1,) * 2
+
+
+def test_user_edges_join_the_graph(tmp_path: Path) -> None:
+    edges = tmp_path / "citations.txt"
+    edges.write_text("# citing cited weight\na0 b5 2.0\nb5\ta0\nunknown a1\n")
+    assert read_edge_list(edges)[0] == ("a0", "b5", 2.0)
+    stage = make_stage(tmp_path, edges=str(edges), edge_weight=5.0, expand=2, fusion="ppr_only")
+    pool = [Candidate(doc_id="a0", score=1.0, rank=1)]
+    (out,) = stage.run([Ranking(query=Query(id="q", text="x"), candidates=pool)])
+    assert out.doc_ids()[1] == "b5"  # the citation outweighs every kNN edge
+    graph = stage._solved.graph
+    assert graph.user_matrix()[1] == 1  # the edge naming an unknown document is skipped
+
+
+def test_missing_graph_is_a_clear_error(tmp_path: Path) -> None:
+    context = PipelineContext(tmp_path / "idx", corpus="toy")
+    context.shared(("dense-embeddings", MINILM), lambda: FakeDense(context))
+    stage = PPRStage.from_dict({"kind": "ppr"}, context)
+    with pytest.raises(IndexMissingError, match="streamrank index"):
+        stage.run([Ranking(query=Query(id="q", text="x"), candidates=[Candidate(doc_id="a0", score=1.0)])])
+
+
+def test_adding_a_document_rewalks_only_the_fingerprints_it_affects(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    docs = [Document(id=f"d{i}", text=" ".join(rng.choice(vocab, 6))) for i in range(400)]
+    context = PipelineContext(tmp_path / "idx", corpus="toy")
+    context.shared(("dense-embeddings", MINILM), lambda: FakeDense(context))
+    context.store.upsert(docs)
+    stage = PPRStage.from_dict(
+        {"kind": "ppr", "neighbors": 3, "solver": "montecarlo", "walks": 8, "alpha": 0.5}, context
+    )
+    stage.build(context.store)
+    stage.run([Ranking(query=Query(id="q", text="x"), candidates=[Candidate(doc_id="d0", score=1.0)])])
+    before = stage._solved.fingerprints.copy()
+    new = Document(id="fresh", text=docs[7].text)
+    context.store.upsert([new])
+    stage.add([new])
+    after = stage._solved.fingerprints
+    assert after.shape == (401, 401) and after[400, 400] >= 0.5 - 1e-6
+    same = [(before[i] != after[i, :400]).nnz == 0 for i in range(400)]
+    assert 0.5 < np.mean(same) < 1.0  # most rows kept, the ones near the new document re-walked
+    assert not same[7]
+
+
+def test_replacing_a_document_relinks_it() -> None:
+    docs = corpus()
+    ids = [d.id for d in docs]
+    vectors = np.stack([embed(d.text) for d in docs])
+    graph = CorpusGraph.from_embeddings(ids, vectors, neighbors=3)
+    moved = embed(TOPICS["c"])
+    base = vectors.copy()
+    base[ids.index("a0")] = moved
+    changed = graph.add(["a0"], moved[None, :], base)
+    row = graph.row_of["a0"]
+    assert len(graph) == len(docs) and row in changed
+    assert {graph.ids[c][0] for c in graph.knn[row].indices} == {"c"}
+    assert not any(graph.ids[r].startswith("a") for r in graph.knn[:, row].tocoo().row)
