@@ -1,6 +1,7 @@
 """Swap a Hugging Face BERT or Llama model onto low-rank layers and fused low-rank kernels, in place.
 
-:func:`apply_lowrank` first SVD-compresses the projections (:mod:`streamrank.kernels.svd`), then
+:func:`apply_lowrank` first SVD-compresses the projections (:mod:`streamrank.kernels.svd`; plain SVD,
+or the activation-aware whitened SVD with calibration data from :mod:`streamrank.kernels.calibrate`), then
 patches the modules so their forward runs the chosen backend:
 
 - every :class:`~streamrank.kernels.svd.LowRankLinear` runs the fused low-rank linear kernel
@@ -24,7 +25,7 @@ original forward. Backend ``"unfused"`` restores the original classes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from . import ops
+from .calibrate import DEFAULT_SIZE, collect_grams, load_texts
 from .reference import allowed_keys
-from .svd import LowRankLinear, compress_model, lowrank_layers
+from .svd import DAMPING, METHODS, LowRankLinear, compress_model, lowrank_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,19 @@ class LowRankSettings:
     """Low-rank settings of a stage config, e.g. ``lowrank = {ratio = 0.5, backend = "auto"}``.
 
     ``energy``, when given, chooses the rank of each layer and ``ratio`` is ignored.
+    ``method`` is ``"svd"`` (plain truncated SVD) or ``"whitened"`` (activation-aware SVD, SVD-LLM);
+    left out it is ``"whitened"`` when ``calibration`` is set, else ``"svd"``. ``calibration`` names the
+    calibration texts (:func:`streamrank.kernels.calibrate.load_texts`: ``"auto"`` for SciFact passages,
+    a dataset name, or a file), of which the first ``calibration_size`` are used, e.g.
+    ``lowrank = {ratio = 0.6, calibration = "auto"}``.
     """
 
     ratio: float | None = 0.5
     energy: float | None = None
     backend: str = "auto"
+    method: str | None = None
+    calibration: str | None = None
+    calibration_size: int = DEFAULT_SIZE
 
     def __post_init__(self) -> None:
         ops.check_backend(self.backend)
@@ -67,6 +77,12 @@ class LowRankSettings:
             raise ValueError(f"lowrank ratio must be > 0, got {self.ratio}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError(f"lowrank energy must be in (0, 1], got {self.energy}")
+        method = _resolve_method(self.method, self.calibration is not None)
+        object.__setattr__(self, "method", method)  # frozen: store the resolved method
+        if method == "svd" and self.calibration is not None:
+            raise ValueError("lowrank calibration is only used by method 'whitened'")
+        if self.calibration_size < 1:
+            raise ValueError(f"lowrank calibration_size must be >= 1, got {self.calibration_size}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LowRankSettings:
@@ -83,23 +99,76 @@ class LowRankSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """``apply_lowrank`` with these settings."""
-        return apply_lowrank(model, ratio=self.ratio, energy=self.energy, backend=self.backend)
+    def apply(self, model: nn.Module, tokenizer: Any = None, texts: Sequence[str] | None = None) -> nn.Module:
+        """``apply_lowrank`` with these settings.
+
+        For ``"whitened"`` the calibration texts are ``texts`` if given, else read from ``calibration``;
+        ``tokenizer`` is needed unless ``model`` is a SentenceTransformer. A model that is already
+        compressed only switches backend (nothing is read).
+        """
+        if self.method == "whitened" and texts is None and not lowrank_layers(model):
+            if self.calibration is None:
+                raise ValueError("lowrank method 'whitened' needs calibration texts: set calibration")
+            texts = load_texts(self.calibration, self.calibration_size)
+        return apply_lowrank(
+            model,
+            ratio=self.ratio,
+            energy=self.energy,
+            backend=self.backend,
+            method=self.method,
+            calibration_texts=texts,
+            tokenizer=tokenizer,
+        )
+
+
+def _resolve_method(method: str | None, calibrated: bool) -> str:
+    if method is None:
+        return "whitened" if calibrated else "svd"
+    if method not in METHODS:
+        raise ValueError(f"unknown lowrank method {method!r}; expected one of {', '.join(METHODS)}")
+    return method
 
 
 def apply_lowrank(
-    model: nn.Module, ratio: float | None = 0.5, energy: float | None = None, backend: str = "auto"
+    model: nn.Module,
+    ratio: float | None = 0.5,
+    energy: float | None = None,
+    backend: str = "auto",
+    *,
+    method: str | None = None,
+    calibration_texts: Sequence[str] | None = None,
+    grams: Mapping[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
+    damping: float = DAMPING,
 ) -> nn.Module:
     """Compress ``model``'s projections (unless already compressed) and patch it for ``backend``; return it.
 
     ``model`` may be a Hugging Face BERT or Llama model or anything containing one (a
     SentenceTransformer, a ``LlamaForCausalLM``). Calling it again on a compressed model only switches
     the backend (``"auto" | "triton" | "torch" | "unfused"``).
+
+    ``method="whitened"`` (the default when ``calibration_texts`` or ``grams`` are given) factors each
+    layer by the activation-aware SVD: the Gram matrices of the layer inputs are ``grams`` if given,
+    else collected by running the dense model over ``calibration_texts`` (with ``tokenizer``, which a
+    SentenceTransformer does not need).
     """
-    LowRankSettings(ratio, energy, backend)  # validates
+    calibrated = calibration_texts is not None or grams is not None
+    method = _resolve_method(method, calibrated)
+    LowRankSettings(ratio, energy, backend, method)  # validates
+    if method == "svd" and calibrated:
+        raise ValueError("calibration data is only used by method 'whitened'")
+    if method == "whitened" and not calibrated:
+        raise ValueError("method 'whitened' needs calibration_texts or grams")
     if not lowrank_layers(model):
-        compress_model(model, ratio=None if energy is not None else ratio, energy=energy)
+        if method == "whitened" and grams is None:
+            grams = collect_grams(model, calibration_texts or [], tokenizer)
+        compress_model(
+            model,
+            ratio=None if energy is not None else ratio,
+            energy=energy,
+            calibration=grams if method == "whitened" else None,
+            damping=damping,
+        )
     set_backend(model, backend)
     return model
 
