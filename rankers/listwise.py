@@ -1,0 +1,159 @@
+"""Single-token listwise reranking (FIRST, Reddy et al. 2024) and the sliding-window driver.
+
+The prompt (see :mod:`streamrank.rankers.prompts`) ends with the assistant's opening "[", so ONE
+forward pass gives, at the next-token position, a logit for every passage identifier; sorting the
+identifiers by logit gives the whole order of the window. Logits are read from the full vocabulary;
+constant logits or a missing/non-finite identifier raise RankerError instead of returning an
+arbitrary order.
+
+Windows: ``mode = "sliding"`` reranks windows of ``window`` passages moving up from the bottom of
+the list by ``stride`` (RankGPT's schedule; the last window always starts at the top), ``mode =
+"full"`` ranks the whole list in one pass (passages are cut uniformly if needed to fit the context).
+The instruction + query prefix is computed once per query and reused by every window
+(``prefix_cache``), streamed through one cache that is cropped back after each window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from streamrank.errors import RankerError
+from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig, order_scores
+from streamrank.rankers.prompts import ListwisePrompt
+from streamrank.stage import StageConfig
+from streamrank.types import Candidate, Ranking
+
+if TYPE_CHECKING:
+    import torch
+
+    from streamrank.rankers.kv import PrefixCache
+    from streamrank.rankers.llm import CausalLM
+
+CONSTANT_TOLERANCE = 1e-6
+
+
+class ListwiseConfig(LLMRerankerConfig):
+    mode: Literal["sliding", "full"] = "sliding"
+    window: int = Field(20, ge=2)
+    stride: int | None = Field(None, ge=1)
+    """Default: half the window (20/10 as in RankGPT)."""
+    prefix_cache: bool = True
+    """Compute the instruction + query once per query and reuse its KV cache for every window."""
+
+    @model_validator(mode="after")
+    def _stride_below_window(self) -> ListwiseConfig:
+        if self.stride is None:
+            self.stride = max(self.window // 2, 1)
+        if self.stride > self.window:
+            raise ValueError(
+                f"stride ({self.stride}) must not exceed window ({self.window}): passages would be skipped"
+            )
+        return self
+
+
+def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Sliding windows [start, end) from the bottom of a list of ``n`` up; the last starts at 0."""
+    if n <= window:
+        return [(0, n)] if n else []
+    spans = []
+    end = n
+    while True:
+        start = max(end - window, 0)
+        spans.append((start, end))
+        if start == 0:
+            return spans
+        end -= stride
+
+
+def order_from_logits(values: torch.Tensor, what: str = "identifier logits") -> list[int]:
+    """Indices sorted by descending logit (stable); RankerError when constant or not finite."""
+    import torch
+
+    if values.ndim != 1 or values.numel() == 0:
+        raise RankerError(f"{what}: expected one non-empty row, got shape {tuple(values.shape)}")
+    if not torch.isfinite(values).all():
+        raise RankerError(f"{what}: non-finite values {values.tolist()}")
+    if len(values) > 1 and float(values.max() - values.min()) <= CONSTANT_TOLERANCE:
+        raise RankerError(
+            f"{what} are constant ({float(values[0]):.4g}): the model cannot tell the passages apart "
+            "(wrong answer position, template cut, or an unsuitable model)"
+        )
+    return sorted(range(len(values)), key=lambda i: -float(values[i]))
+
+
+def identifier_logits(
+    llm: CausalLM, prompt: ListwisePrompt, prefix: PrefixCache | None
+) -> tuple[torch.Tensor, Any]:
+    """Logits of the prompt's identifiers at the answer position (one forward pass)."""
+    present = set(prompt.body)
+    for label, label_id in zip(prompt.labels, prompt.label_ids, strict=True):
+        if label_id not in present:
+            raise RankerError(f"identifier [{label}] (token {label_id}) is missing from the prompt")
+    sequence = list(prompt.body if prefix is not None else prompt.ids)
+    values, result = llm.next_token_logits([sequence], prompt.label_ids, prefix=prefix)
+    return values[0], result
+
+
+class ListwiseReranker(LLMReranker):
+    """Sliding-window / full-list driver; subclasses order one window in :meth:`rank_window`."""
+
+    Config: ClassVar[type[StageConfig]] = ListwiseConfig
+    config: ListwiseConfig
+    answer_reserve: ClassVar[int] = 0
+    """Tokens kept free per identifier for the answer (generation)."""
+
+    def score_candidates(self, ranking: Ranking, top: list[Candidate]) -> list[float]:
+        texts = [c.document.contents if c.document else "" for c in top]
+        return order_scores(self.rank_texts(ranking, ranking.query.text, texts))
+
+    def spans(self, n: int) -> list[tuple[int, int]]:
+        if self.config.mode == "full":
+            return [(0, n)]
+        return window_spans(n, self.config.window, self.config.stride or self.config.window)
+
+    def rank_texts(self, ranking: Ranking, query: str, texts: Sequence[str]) -> list[int]:
+        """A permutation of ``texts`` (best first), ranking windows bottom-up."""
+        order = list(range(len(texts)))
+        spans = self.spans(len(texts))
+        if len(texts) < 2:
+            return order
+        prefix = self.listwise_prefix(ranking, query) if self.config.prefix_cache else None
+        full = self.config.mode == "full"
+        for start, end in spans:
+            window = order[start:end]
+            prompt = self.builder.listwise(
+                query, [texts[i] for i in window], reserve=self.answer_reserve * len(window), fit=full
+            )
+            if prompt.passage_tokens < self.config.llm.max_passage_tokens:
+                ranking.notes.append(
+                    f"{self.name}: passages cut to {prompt.passage_tokens} tokens to fit {len(window)} in the context"
+                )
+            permutation = self.rank_window(ranking, prompt, prefix, (start, end))
+            order[start:end] = [window[p] for p in permutation]
+        return order
+
+    def rank_window(
+        self, ranking: Ranking, prompt: ListwisePrompt, prefix: PrefixCache | None, span: tuple[int, int]
+    ) -> list[int]:
+        raise NotImplementedError
+
+
+class SingleTokenListwise(ListwiseReranker):
+    """FIRST: the identifier logits of the first answer token order the window in one pass."""
+
+    def rank_window(
+        self, ranking: Ranking, prompt: ListwisePrompt, prefix: PrefixCache | None, span: tuple[int, int]
+    ) -> list[int]:
+        values, result = identifier_logits(self.llm, prompt, prefix)
+        order = order_from_logits(values, f"{self.name}: identifier logits for window {span[0]}-{span[1]}")
+        self.record(
+            ranking,
+            prompt_tokens=result.computed_tokens,
+            seconds=result.seconds,
+            note=f"window {span[0]}-{span[1]}: {len(prompt.labels)} passages, prompt {len(prompt.ids)} tokens"
+            + (f", prefix {prefix.length} reused" if prefix is not None else ""),
+        )
+        return order
