@@ -219,6 +219,10 @@ def test_packaged_table_parses() -> None:
         ("cranfield", "bm25"), ("cisi", "bm25"),
     }  # fmt: skip
     assert all(r.expected is not None or "PLACEHOLDER" in r.note for r in rows)
+    from streamrank.config import read_config
+
+    for row in rows:  # every row names a pipeline file that exists and validates
+        read_config(row.pipeline)
 
 
 def test_cli_eval_and_check(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
