@@ -56,7 +56,7 @@ class LowRankOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     ratio: float | None = Field(0.5, gt=0.0)
-    """Fraction of each layer's full rank kept (the kernels package also accepts ``energy``)."""
+    """Fraction of each layer's parameters kept (other keys, e.g. ``energy``, ``calibration``, go to the kernels package)."""
     backend: str = "auto"
 
 
