@@ -354,7 +354,7 @@ def load_causal_lm(settings: LLMSettings, device: str | None = None) -> CausalLM
         raise ConfigError(f"cannot load causal LM {settings.model!r}: {exc}") from exc
     model.to(device).eval()
     if settings.lowrank is not None:
-        model = apply_lowrank_options(model, settings.lowrank)
+        model = apply_lowrank_options(model, settings.lowrank, tokenizer)
     return CausalLM(model, tokenizer, name)
 
 
@@ -397,8 +397,11 @@ def lowrank_module() -> Any | None:
     return lowrank if callable(getattr(lowrank, "apply_lowrank", None)) else None
 
 
-def apply_lowrank_options(model: Any, options: LowRankOptions) -> Any:
-    """Replace the model's linear layers by low-rank factors through the kernels package."""
+def apply_lowrank_options(model: Any, options: LowRankOptions, tokenizer: Any = None) -> Any:
+    """Replace the model's linear layers by low-rank factors through the kernels package.
+
+    ``tokenizer`` is what calibrated (activation-aware) compression tokenizes its texts with.
+    """
     module = lowrank_module()
     if module is None:
         raise ConfigError(
@@ -409,7 +412,7 @@ def apply_lowrank_options(model: Any, options: LowRankOptions) -> Any:
     settings_cls = getattr(module, "LowRankSettings", None)
     try:
         if settings_cls is not None:  # the kernels package validates its own options (ratio, energy, backend)
-            result = settings_cls.from_dict(raw).apply(model)
+            result = settings_cls.from_dict(raw).apply(model, tokenizer=tokenizer)
         else:
             result = module.apply_lowrank(model, ratio=options.ratio, backend=options.backend)
     except ValueError as exc:

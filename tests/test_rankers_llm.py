@@ -381,12 +381,13 @@ def test_lowrank_reranker_end_to_end(llm: CausalLM, tmp_path: Path) -> None:
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     llm.tokenizer.save_pretrained(tmp_path)
-    settings = {
-        "model": str(tmp_path),
-        "max_passage_tokens": 16,
-        "lowrank": {"ratio": 0.5, "backend": "auto"},
-    }
-    stage = build_stage({"kind": "first", "window": 3, "llm": settings}, PipelineContext(None), "test")
-    ranking = stage.run([ranking_of(PASSAGES[:3])])[0]
-    assert sorted(ranking.doc_ids()) == ["d0", "d1", "d2"] and len(ranking.calls) == 2
-    assert any(type(m).__name__ == "LowRankLinear" for m in stage.llm.model.modules())
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("\n".join(PASSAGES))
+    plain = {"ratio": 0.5, "backend": "auto"}
+    calibrated = {"ratio": 0.5, "calibration": str(texts)}  # activation-aware: needs the tokenizer
+    for lowrank in (plain, calibrated):
+        settings = {"model": str(tmp_path), "max_passage_tokens": 16, "lowrank": lowrank}
+        stage = build_stage({"kind": "first", "window": 3, "llm": settings}, PipelineContext(None), "test")
+        ranking = stage.run([ranking_of(PASSAGES[:3])])[0]
+        assert sorted(ranking.doc_ids()) == ["d0", "d1", "d2"] and len(ranking.calls) == 2
+        assert any(type(m).__name__ == "LowRankLinear" for m in stage.llm.model.modules())
