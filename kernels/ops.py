@@ -8,6 +8,8 @@ when autograd needs gradients through an operation, it runs on the streaming tor
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from . import reference, streaming
@@ -45,6 +47,12 @@ def _choose(backend: str, x: torch.Tensor, *factors: Factors) -> str:
     return chosen
 
 
+def _implementation(backend: str, x: torch.Tensor, *factors: Factors) -> ModuleType:
+    """The module (triton_kernels, streaming or reference) that runs this call."""
+    chosen = _choose(backend, x, *factors)
+    return {"triton": _triton, "torch": lambda: streaming, "unfused": lambda: reference}[chosen]()
+
+
 def lowrank_linear(x: torch.Tensor, f: Factors, backend: str = "auto") -> torch.Tensor:
     """``(x V^T) U^T + b``; the streaming path equals the unfused one (the intermediate is only rank-wide)."""
     if _choose(backend, x, f) == "triton":
@@ -61,12 +69,8 @@ def lowrank_ffn(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Low-rank FFN (GELU-style or SiLU-gated) on the chosen backend."""
-    chosen = _choose(backend, x, up, down, *([gate] if gate is not None else []))
-    if chosen == "triton":
-        return _triton().lowrank_ffn(x, up, down, activation, gate)
-    if chosen == "torch":
-        return streaming.lowrank_ffn(x, up, down, activation, gate)
-    return reference.lowrank_ffn(x, up, down, activation, gate)
+    impl = _implementation(backend, x, up, down, *([gate] if gate is not None else []))
+    return impl.lowrank_ffn(x, up, down, activation, gate)
 
 
 def lowrank_attention(
@@ -82,6 +86,5 @@ def lowrank_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Low-rank self-attention context ``[B, S, H*D]`` on the chosen backend."""
-    chosen = _choose(backend, x, q, k, v)
-    impl = {"triton": _triton, "torch": lambda: streaming, "unfused": lambda: reference}[chosen]()
+    impl = _implementation(backend, x, q, k, v)
     return impl.lowrank_attention(x, q, k, v, num_heads, num_kv_heads, key_mask, causal, scale)

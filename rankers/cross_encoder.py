@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from streamrank.errors import RankerError
 from streamrank.rankers.llm import merge_reranked
 from streamrank.stage import BaseStage, StageConfig
 from streamrank.types import ModelCall, Ranking
@@ -25,18 +24,8 @@ if TYPE_CHECKING:
 
 def pool_texts(context: PipelineContext, rankings: Sequence[Ranking], depth: int) -> list[list[str]]:
     """The ``contents`` of each ranking's top ``depth`` candidates, filled from the store if needed."""
-    if context.index_dir is not None:
-        context.attach_documents(rankings, limit=depth)
-    texts = []
-    for ranking in rankings:
-        missing = [c.doc_id for c in ranking.candidates[:depth] if c.document is None]
-        if missing:
-            raise RankerError(
-                f"no text for candidates {missing[:5]} of query {ranking.query.id!r}: supply documents "
-                "or give the pipeline a corpus whose store holds them"
-            )
-        texts.append([c.document.contents for c in ranking.candidates[:depth]])  # type: ignore[union-attr]
-    return texts
+    context.require_documents(rankings, depth, "reranker")
+    return [[c.document.contents for c in r.candidates[:depth]] for r in rankings]  # type: ignore[union-attr]
 
 
 class CrossEncoderConfig(StageConfig):

@@ -190,14 +190,7 @@ class EmbeddingListwise(BaseStage):
 
     def _dense_index(self) -> Any | None:
         """The dense stage of this pipeline with the same model, if one registered itself."""
-
-        def absent() -> Any:
-            raise LookupError
-
-        try:
-            return self.context.shared(("dense-embeddings", self.config.model), absent)
-        except LookupError:
-            return None
+        return self.context.get(("dense-embeddings", self.config.model))
 
     def _doc_vectors(
         self, rankings: Sequence[Ranking], texts: Sequence[Sequence[str]]

@@ -442,19 +442,13 @@ class LLMReranker(BaseStage):
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
         depth = self.config.depth
-        if self.context.index_dir is not None:
-            self.context.attach_documents(rankings, limit=depth)
+        self.context.require_documents(rankings, depth, self.name)
         out = []
         for ranking in rankings:
             top = ranking.candidates[:depth]
             if not top:
                 out.append(ranking)
                 continue
-            missing = [c.doc_id for c in top if c.document is None]
-            if missing:
-                raise RankerError(
-                    f"{self.name}: no text for candidates {missing[:5]} (documents not attached)"
-                )
             scores = self.score_candidates(ranking, top)
             out.append(merge_reranked(ranking, self.name, scores, depth, self.config.k))
         return out

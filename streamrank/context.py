@@ -53,6 +53,11 @@ class PipelineContext:
                 self._cache[key] = factory()
             return self._cache[key]
 
+    def get(self, key: Any) -> Any | None:
+        """The shared object under ``key`` if some stage created it, else None (never creates one)."""
+        with self._lock:
+            return self._cache.get(key)
+
     def sentence_encoder(self, model: str):
         """A sentence-transformers model shared by every stage that names the same model."""
         from streamrank.models import load_sentence_encoder
@@ -69,6 +74,20 @@ class PipelineContext:
             for cand in ranking.candidates[:limit]:
                 if cand.document is None:
                     cand.document = found.get(cand.doc_id)
+
+    def require_documents(self, rankings: Sequence[Ranking], depth: int, stage: str) -> None:
+        """Make sure each ranking's top ``depth`` candidates carry text, or raise RankerError naming them."""
+        from streamrank.errors import RankerError
+
+        if self.index_dir is not None:
+            self.attach_documents(rankings, limit=depth)
+        for ranking in rankings:
+            missing = [c.doc_id for c in ranking.candidates[:depth] if c.document is None]
+            if missing:
+                raise RankerError(
+                    f"{stage}: no text for candidates {missing[:5]} of query {ranking.query.id!r}: supply "
+                    "documents or give the pipeline a corpus whose store holds them"
+                )
 
     def build_stage(self, options: dict[str, Any], where: str) -> BaseStage:
         from streamrank.config import build_stage
