@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .reference import Factors, project
 
@@ -319,6 +320,29 @@ def _lowrank_attention_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+SMALLER_TILES = ({"num_stages": 2}, {"num_stages": 1}, {"num_stages": 1, "BLOCK_F": 16, "BLOCK_N": 32})
+"""Settings tried in turn when a launch needs more shared memory than the GPU has (large ranks
+keep ``[block, rank]`` fp32 tiles on chip; software pipelining multiplies them by ``num_stages``)."""
+
+_fitting_tiles: dict[tuple, dict] = {}
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """Launch ``kernel``; on ``OutOfResources`` retry with :data:`SMALLER_TILES`, remembering what fits."""
+    key = (kernel.fn.__name__, *sorted(meta.items()))
+    candidates = [_fitting_tiles[key]] if key in _fitting_tiles else [{}]
+    candidates += [{k: v for k, v in t.items() if k in meta or k == "num_stages"} for t in SMALLER_TILES]
+    for i, override in enumerate(candidates):
+        try:
+            kernel[grid](*args, **{**meta, **override})
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _fitting_tiles[key] = override
+        return
+
+
 def _bias_arg(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return bias if bias is not None else like  # any pointer; never read when HAS_BIAS is False
 
@@ -333,8 +357,8 @@ def lowrank_linear(
     n, r = f.U.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m),)
-    _lowrank_linear_kernel[grid](
-        x2, f.V, f.U, _bias_arg(f.bias, f.U), y,
+    _launch(
+        _lowrank_linear_kernel, grid, x2, f.V, f.U, _bias_arg(f.bias, f.U), y,
         m, k, n, r,
         x2.stride(0), x2.stride(1), f.V.stride(0), f.V.stride(1), f.U.stride(0), f.U.stride(1),
         y.stride(0), y.stride(1),
@@ -365,8 +389,8 @@ def lowrank_ffn(
     g = gate if gate is not None else up  # placeholder pointers when not gated
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m),)
-    _lowrank_ffn_kernel[grid](
-        x2, up.V, up.U, _bias_arg(up.bias, up.U), g.V, g.U, _bias_arg(g.bias, g.U),
+    _launch(
+        _lowrank_ffn_kernel, grid, x2, up.V, up.U, _bias_arg(up.bias, up.U), g.V, g.U, _bias_arg(g.bias, g.U),
         down.V, down.U, _bias_arg(down.bias, down.U), y,
         m, k, d_ff, n, r_up, g.rank, r_down,
         x2.stride(0), x2.stride(1),
@@ -417,8 +441,8 @@ def lowrank_attention(
     out = torch.empty(batch, seq, q.U.shape[0], dtype=x.dtype, device=x.device)
     mask = key_mask.to(torch.int8) if key_mask is not None else out  # placeholder when absent
     grid = (triton.cdiv(seq, block_m), batch * num_heads)
-    _lowrank_attention_kernel[grid](
-        *srcs, q.V, k.V, v.V, q.U, k.U, v.U,
+    _launch(
+        _lowrank_attention_kernel, grid, *srcs, q.V, k.V, v.V, q.U, k.U, v.U,
         _bias_arg(q.bias, q.U), _bias_arg(k.bias, k.U), _bias_arg(v.bias, v.U),
         mask, out,
         seq, hidden, q.rank, k.rank, v.rank, num_heads, num_heads // num_kv_heads, head_dim, scale,

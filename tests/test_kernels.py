@@ -95,6 +95,48 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch):
         triton_kernels.lowrank_linear(torch.randn(4, 8), factors(8, 8, 4))
 
 
+def test_launch_retries_smaller_tiles_when_shared_memory_runs_out(monkeypatch):
+    """A GPU with less shared memory than a large-rank tile needs gets smaller tiles, not an error."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class SharedMemoryBoundKernel:  # stands in for a compiled kernel: fits only with one stage
+        fn = test_launch_retries_smaller_tiles_when_shared_memory_runs_out
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta.get("num_stages", 3) > 1:
+                    raise OutOfResources(303104, 232448, "shared memory")
+                launched.append(meta)
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_fitting_tiles", {})
+    kernel = SharedMemoryBoundKernel()
+    triton_kernels._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
+    triton_kernels._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
+    assert launched == [{"BLOCK_F": 64, "BLOCK_M": 32, "num_stages": 1}] * 2
+    assert list(triton_kernels._fitting_tiles.values()) == [{"num_stages": 1}]
+
+
+def test_launch_raises_when_nothing_fits(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    class NeverFits:
+        fn = test_launch_raises_when_nothing_fits
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise OutOfResources(1 << 20, 232448, "shared memory")
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_fitting_tiles", {})
+    with pytest.raises(OutOfResources):
+        triton_kernels._launch(NeverFits(), (1,), BLOCK_F=64)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_streaming_ffn_equals_unfused(gated):
     x = torch.randn(3, 33, 48)
