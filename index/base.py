@@ -87,7 +87,7 @@ class IndexedRetriever(BaseStage):
         """Work shared by both halves of a batch (dense: encode every query once)."""
         return None
 
-    def _search(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[tuple[str, float]]]:
+    def _search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
         """Best ``k`` (doc id, score) per query from the index, best first."""
         raise NotImplementedError
 
@@ -202,6 +202,13 @@ class IndexedRetriever(BaseStage):
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
         """Search the index for empty rankings; rescore exactly the supplied pool of the others."""
+        return self._run(rankings, self.config.k)
+
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        """Search only ``k`` deep when nothing after this stage needs more (a request's top ``k``)."""
+        return self._run(rankings, max(1, min(k, self.config.k)))
+
+    def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
         out = list(rankings)
         empty = [i for i, r in enumerate(rankings) if not r.candidates]
         pooled = [i for i, r in enumerate(rankings) if r.candidates]
@@ -211,11 +218,11 @@ class IndexedRetriever(BaseStage):
         if empty:
             with self.lock:
                 self._ensure_open()
-                hits = self._search([rankings[i] for i in empty], _select(prepared, empty))
+                hits = self._search([rankings[i] for i in empty], _select(prepared, empty), depth)
             for i, found in zip(empty, hits, strict=True):
                 fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(found, start=1)]
                 out[i] = rankings[i].rescored(
-                    self.name, [s for _, s in found], keep=self.config.k, candidates=fresh
+                    self.name, [s for _, s in found], keep=depth, candidates=fresh
                 )
         if pooled:
             scores = self._score_pool([rankings[i] for i in pooled], _select(prepared, pooled))

@@ -204,8 +204,7 @@ class BM25Retriever(IndexedRetriever):
         return [hit.docid for hit in hits]
 
     # ---- searching ----------------------------------------------------------------------------
-    def _search(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[tuple[str, float]]]:
-        k = self.config.k
+    def _search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
         if len(rankings) == 1:
             hits = [self._searcher.search(rankings[0].query.text, k=k)]
         else:

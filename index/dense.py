@@ -411,18 +411,19 @@ class DenseRetriever(IndexedRetriever):
                     faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.config.nprobe)
         return self._gpu if self._gpu is not None else self._index
 
-    def _search(self, rankings: Sequence[Ranking], prepared: np.ndarray) -> list[list[tuple[str, float]]]:
+    def _search(self, rankings: Sequence[Ranking], prepared: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         import faiss
 
         live = len(self._row_of)
-        k = min(self.config.k, live)
+        k = min(k, live)
         if k == 0:
             return [[] for _ in rankings]
         depth = min(self._index.ntotal, k + (len(self._ids) - live))  # masked rows may take places
         index = self._searchable()
         params = None
         if index is self._index and self._built_as == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, depth))
+            # the configured depth sets the beam, so a shallower request sees the same neighbours
+            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, self.config.k, depth))
         elif index is self._index and self._built_as == "ivfpq":
             params = faiss.SearchParametersIVF(nprobe=self.config.nprobe)
         scores, rows = index.search(prepared, depth, params=params)

@@ -579,6 +579,10 @@ class PPRStage(IndexedRetriever):
                 out[i].notes.append(f"{self.name}: no seed document is in the corpus graph; order kept")
         return out
 
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        """PPR reranks the pool it is given: the same work whatever the request's ``k``."""
+        return self.run(rankings)
+
     def _rerank(self, ranking: Ranking, x: np.ndarray, ids: list[str], row_of: dict[str, int]) -> Ranking:
         cfg = self.config
         pool = list(ranking.candidates)

@@ -88,6 +88,7 @@ class Pipeline:
         as a fallback when a later stage overruns a deadline).
         """
         current = list(rankings)
+        last = self.stages[-1] if self.stages else None
         for stage in self.stages:
             if deadline is not None and time.monotonic() >= deadline and any(r.candidates for r in current):
                 for r in current:
@@ -95,7 +96,10 @@ class Pipeline:
                     r.notes.append(f"deadline reached before stage {stage.name!r}; earlier ranking returned")
                 break
             started = time.perf_counter()
-            current = stage.run(current)
+            if stage is last and k is not None and isinstance(stage, BaseStage):
+                current = stage.run_top(current, k)  # a search only as deep as the answer
+            else:
+                current = stage.run(current)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             for r in current:
                 r.timings_ms[stage.name] = r.timings_ms.get(stage.name, 0.0) + elapsed_ms

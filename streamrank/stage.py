@@ -64,6 +64,14 @@ class BaseStage:
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
         raise NotImplementedError
 
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        """``run`` when only the best ``k`` of the output will be used (the pipeline's last stage).
+
+        Stages that can do less work for that override it (retrievers search only ``k`` deep);
+        the result's top ``k`` must equal the top ``k`` of ``run``.
+        """
+        return self.run(rankings)
+
     def build(self, documents: Iterable[Document], *, rebuild: bool = False) -> None:
         """Create this stage's index over ``documents`` (no-op for stateless stages)."""
 

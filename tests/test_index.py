@@ -159,6 +159,28 @@ def test_bm25_single_and_batch_search_agree(ctx: PipelineContext, docs: list[Doc
         assert [(c.doc_id, c.score) for c in b.candidates] == [(c.doc_id, c.score) for c in s.candidates]
 
 
+@pytest.mark.parametrize("make", [bm25, dense], ids=["bm25", "dense"])
+def test_last_stage_searches_only_as_deep_as_the_answer(
+    ctx: PipelineContext, docs: list[Document], make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request for the top 5 searches 5 deep, and gets the same 5 a 100-deep search ranks first."""
+    stage = make(ctx, k=100)
+    texts = [docs[3].text[:200], docs[40].title]
+    deep = search(stage, *texts)
+    depths: list[int] = []
+    original = type(stage)._search
+    monkeypatch.setattr(type(stage), "_search", lambda s, r, p, k: depths.append(k) or original(s, r, p, k))
+    pipe = Pipeline("t", [stage], ctx)
+    top = pipe.run([Ranking(query=Query(f"q{i}", t)) for i, t in enumerate(texts)], k=5)
+    assert depths == [5]
+    for shallow, full in zip(top, deep, strict=True):
+        assert [(c.doc_id, c.score) for c in shallow.candidates] == [
+            (c.doc_id, c.score) for c in full.candidates[:5]
+        ]
+    pipe.run([Ranking(query=Query("q", texts[0]))], k=500)  # never deeper than the stage's own k
+    assert depths == [5, 100]
+
+
 def test_bm25_params_are_search_time(ctx: PipelineContext, docs: list[Document]) -> None:
     """Another k1/b searches the same index (no mismatch) and changes the scores."""
     default = search(bm25(ctx), docs[7].title)[0].candidates[0]
