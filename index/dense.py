@@ -137,16 +137,9 @@ class DenseRetriever(IndexedRetriever):
         return encoder
 
     def _encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        import numpy as np
+        from streamrank.models import encode_sentences
 
-        vectors = self.encoder.encode(
-            list(texts),
-            batch_size=self.config.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=progress,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return encode_sentences(self.encoder, texts, self.config.batch_size, progress)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 query embeddings, shape (len(texts), dim)."""

@@ -180,13 +180,9 @@ class EmbeddingListwise(BaseStage):
         )
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode(
-            list(texts),
-            batch_size=self.config.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        from streamrank.models import encode_sentences
+
+        return encode_sentences(self.encoder, texts, self.config.batch_size)
 
     def _dense_index(self) -> Any | None:
         """The dense stage of this pipeline with the same model, if one registered itself."""

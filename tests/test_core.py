@@ -144,3 +144,16 @@ def test_store_upsert_get_delete_checksum(tmp_path: Path) -> None:
     reopened = DocumentStore(tmp_path / "docs.sqlite")
     assert reopened.get("a").title == "A" and len(reopened) == 1
     assert reopened.get_many(["a", "zz"]).keys() == {"a"}
+
+
+def test_length_buckets_bound_padding_and_batch_size() -> None:
+    from streamrank.models import length_buckets
+
+    lengths = [10, 50, 12, 48, 11, 9, 49, 10]
+    batches = length_buckets(lengths, max_batch=3, slack=0.25)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        longest = max(lengths[i] for i in batch)
+        assert longest * len(batch) <= 1.25 * sum(lengths[i] for i in batch)
+    assert {frozenset(b) for b in batches} == {frozenset({1, 3, 6}), frozenset({2, 4, 0}), frozenset({7, 5})}

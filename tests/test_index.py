@@ -677,3 +677,13 @@ def test_history_weight_moves_the_query_towards_the_history(ctx: PipelineContext
     assert without.doc_ids() == plain.run([Ranking(query=Query("q", query))])[0].doc_ids()
     with_history = personal.run([Ranking(query=Query("q", query, user_history=(target.id, "no-such-doc")))])[0]
     assert with_history.doc_ids().index(target.id) < without.doc_ids().index(target.id)
+
+
+def test_bucketed_encoding_keeps_order_and_values(minilm: Any, docs: list[Document]) -> None:
+    """Length-bucketed batches give each text the embedding a plain encode gives it, in input order."""
+    from streamrank.models import encode_sentences
+
+    texts = [docs[0].title, docs[1].text[:600], "x", docs[2].text[:150], docs[3].title]
+    got = encode_sentences(minilm, texts, batch_size=2)
+    want = minilm.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
