@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamrank.errors import (
@@ -72,6 +73,19 @@ ERROR_STATUS: dict[type[StreamRankError], int] = {
     DatasetNotFoundError: 404,
 }
 """StreamRankError subclasses that are not a plain 400."""
+
+ERROR_ANSWERS: dict[int, str] = {
+    400: "The pipeline rejected the request",
+    401: "Missing or wrong API key (only when the service has one)",
+    404: "Unknown pipeline, document, index or dataset",
+    413: "The body is larger than `max_body_bytes`",
+    503: "Pipelines are still loading or failed to load (`Retry-After` says when to retry)",
+}
+
+
+def documented_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error answers a route can give (all shaped as ErrorResponse)."""
+    return {code: {"model": ErrorResponse, "description": ERROR_ANSWERS[code]} for code in codes}
 
 
 def request_id() -> str:
@@ -202,7 +216,10 @@ def check_query(settings: Settings, text: str) -> None:
 
 # ---- routes ------------------------------------------------------------------------------------
 open_routes = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=documented_errors(401))
+PIPELINE_ERRORS = documented_errors(400, 404, 503)
+"""What any route that runs a pipeline may answer besides 200, 401 and 422."""
+BODY_ERRORS = {**PIPELINE_ERRORS, **documented_errors(413)}
 
 
 @open_routes.get("/", include_in_schema=False)
@@ -236,7 +253,7 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
-@api.get("/pipelines", response_model=PipelinesResponse, tags=["service"])
+@api.get("/pipelines", response_model=PipelinesResponse, responses=documented_errors(503), tags=["service"])
 async def pipelines(state: State) -> PipelinesResponse:
     """The pipelines this service serves (their names go in `pipeline` / `model`)."""
     state.require_ready()
@@ -255,7 +272,7 @@ async def pipelines(state: State) -> PipelinesResponse:
     return PipelinesResponse(pipelines=infos, request_id=request_id())
 
 
-@api.post("/search", response_model=SearchResponse, tags=["ranking"])
+@api.post("/search", response_model=SearchResponse, responses=BODY_ERRORS, tags=["ranking"])
 async def search(body: SearchRequest, request: Request, state: State) -> dict[str, Any]:
     """Rank the corpus for one query; results carry every stage's score, the answer each stage's time."""
     settings = state.settings
@@ -283,8 +300,8 @@ def _documents_for_rerank(items: Sequence[str | RerankDocument]) -> list[Documen
     ]
 
 
-@api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, tags=["ranking"])
-@api.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, tags=["ranking"])
+@api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=BODY_ERRORS, tags=["ranking"])
+@api.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=BODY_ERRORS, tags=["ranking"])
 async def rerank(body: RerankRequest, request: Request, state: State) -> RerankResponse:
     """Cohere/Jina-compatible reranking of supplied documents with the pipeline named by `model`.
 
@@ -323,7 +340,7 @@ async def rerank(body: RerankRequest, request: Request, state: State) -> RerankR
     )
 
 
-@api.post("/documents", response_model=UpsertResponse, tags=["documents"])
+@api.post("/documents", response_model=UpsertResponse, responses=BODY_ERRORS, tags=["documents"])
 async def upsert_documents(body: UpsertRequest, state: State) -> UpsertResponse:
     """Insert or replace documents by id. Answered only once they are durable (fsynced) and indexed."""
     check_limit("the number of documents", len(body.documents), "max_upsert_documents", state.settings.max_upsert_documents)
@@ -333,7 +350,7 @@ async def upsert_documents(body: UpsertRequest, state: State) -> UpsertResponse:
     return UpsertResponse(upserted=len(docs), ids=[d.id for d in docs], request_id=request_id())
 
 
-@api.get("/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"])
+@api.get("/documents/{doc_id:path}", response_model=DocumentOut, responses=PIPELINE_ERRORS, tags=["documents"])
 async def get_document(doc_id: str, state: State, pipeline: str | None = None) -> DocumentOut:
     """One stored document."""
     doc = await asyncio.to_thread(state.get, state.pipeline(pipeline), doc_id)
@@ -342,7 +359,7 @@ async def get_document(doc_id: str, state: State, pipeline: str | None = None) -
     return DocumentOut(id=doc.id, title=doc.title, text=doc.text, request_id=request_id())
 
 
-@api.delete("/documents/{doc_id:path}", response_model=DeleteResponse, tags=["documents"])
+@api.delete("/documents/{doc_id:path}", response_model=DeleteResponse, responses=PIPELINE_ERRORS, tags=["documents"])
 async def delete_document(doc_id: str, state: State, pipeline: str | None = None) -> DeleteResponse:
     """Remove a document from every index and the store (404 when it is not stored)."""
     if not await asyncio.to_thread(state.delete, state.pipeline(pipeline), doc_id):
@@ -376,7 +393,21 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         return error_body(422, f"invalid request: the body is not valid JSON ({exc.__cause__.reason})", "validation_error")
     response = error_body(exc.status_code, str(exc.detail), "http_error")
     response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
     return response
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette names only the first route's)."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.router.routes)
+    ]
 
 
 async def _on_streamrank_error(request: Request, exc: Exception) -> JSONResponse:
@@ -426,7 +457,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(UnknownPipeline, _on_unknown_pipeline)
     app.include_router(open_routes)
     app.include_router(api)
+    app.openapi = _openapi_with_limits(app, settings)  # type: ignore[method-assign]
     return app
+
+
+REQUEST_LIMITS: dict[tuple[str, str], tuple[str, str]] = {
+    ("SearchRequest", "query"): ("maxLength", "max_query_chars"),
+    ("SearchRequest", "k"): ("maximum", "max_k"),
+    ("RerankRequest", "query"): ("maxLength", "max_query_chars"),
+    ("RerankRequest", "documents"): ("maxItems", "max_rerank_documents"),
+    ("UpsertRequest", "documents"): ("maxItems", "max_upsert_documents"),
+}
+"""(schema, field) -> (JSON Schema keyword, setting): the per-service limits, shown in /openapi.json."""
+
+
+def _openapi_with_limits(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with this service's request limits written into the request schemas.
+
+    The limits are settings, not constants of the models, so FastAPI cannot see them; the routes
+    still check them (a 422 naming the setting).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        if fresh:
+            components = schema["components"]["schemas"]
+            for (model, field), (keyword, setting) in REQUEST_LIMITS.items():
+                prop = components[model]["properties"][field]
+                prop[keyword] = getattr(settings, setting)
+                prop["description"] = f"{prop.get('description', '')} At most {prop[keyword]} (`{setting}`).".strip()
+        return schema
+
+    return openapi
 
 
 def _version() -> str:

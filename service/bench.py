@@ -10,6 +10,11 @@ The full run uses the SciFact indexes under ``$STREAMRANK_HOME/indexes/scifact``
 ``streamrank index -p configs/<name>.toml``); a pipeline whose server does not become ready is
 reported under ``skipped`` with the server's reason. ``quick`` indexes the first 1,000 SciFact
 documents with BM25 into a temporary folder and sends fewer requests: a smoke run.
+
+`streamrank bench soak` (``run_soak_benchmark``) is the long run: one server, SOAK_CLIENTS closed-loop
+clients for ``$STREAMRANK_SOAK_SECONDS`` (default 600) after a warm-up minute, sampling the server's
+resident memory every few seconds; it reports errors, latency and memory growth against the target
+(under 10% growth from the end of the warm-up, zero errors).
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ CLIENTS = (1, 8, 32)
 SECONDS_PER_LEVEL = 12.0
 QUICK_REQUESTS_PER_CLIENT = 6
 QUICK_DOCS = 1000
+
+SOAK_CLIENTS = 8
+SOAK_SECONDS = 600.0
+SOAK_WARMUP_SECONDS = 60.0
+SOAK_SAMPLE_SECONDS = 5.0
+SOAK_PIPELINE = "hybrid"
+SOAK_MAX_GROWTH_PCT = 10.0
+QUICK_SOAK = {"seconds": 6.0, "warmup_seconds": 2.0, "sample_seconds": 0.5}
 
 
 # ---- a server in a child process -------------------------------------------------------------------
@@ -208,18 +221,23 @@ def quick_corpus(folder: Path) -> Path:
     return folder
 
 
+def quick_index(work: Path) -> str:
+    """Index the first QUICK_DOCS SciFact documents with BM25 under ``work``; the settings lines that use them."""
+    from streamrank.config import load_pipeline
+
+    corpus = quick_corpus(work / "scifact-small")
+    pipeline = load_pipeline(CONFIG_DIR / "bm25.toml", corpus=str(corpus), index_dir=work / "index")
+    pipeline.index()
+    pipeline.close()
+    return f'corpus = "{corpus}"\nindex_dir = "{work / "index"}"\n'
+
+
 def run_service_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
     """Throughput and p50/p95/p99 latency at 1, 8, 32 clients, per pipeline, with and without batching."""
     with tempfile.TemporaryDirectory(prefix="streamrank-bench-service-") as tmp:
         work = Path(tmp)
         if quick:
-            from streamrank.config import load_pipeline
-
-            corpus = quick_corpus(work / "scifact-small")
-            pipeline = load_pipeline(CONFIG_DIR / "bm25.toml", corpus=str(corpus), index_dir=work / "index")
-            pipeline.index()
-            pipeline.close()
-            figures = measure(("bm25",), work, quick=True, extra=f'corpus = "{corpus}"\nindex_dir = "{work / "index"}"\n')
+            figures = measure(("bm25",), work, quick=True, extra=quick_index(work))
             figures["dataset"] = f"scifact (first {QUICK_DOCS} documents)"
         else:
             figures = measure(PIPELINES, work)
@@ -312,4 +330,171 @@ def markdown_table(figures: dict[str, Any]) -> str:
         )
     lines += ["", f"Throughput gain from batching at 32 clients: {figures['speedup_at_32_clients']}"]
     lines += [f"Skipped {name}: {why}" for name, why in figures["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---- soak ----------------------------------------------------------------------------------------------
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` and its children (psutil; /proc/<pid>/status VmRSS without it)."""
+    try:
+        import psutil
+    except ImportError:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for process {pid}") from None
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def _sample_rss(pid: int, every: float, started: float, samples: list[tuple[float, float]], done: asyncio.Event) -> None:
+    """Append (seconds since ``started``, RSS MiB) every ``every`` seconds until ``done``, and once more then.
+
+    Stops early (quietly) if the process is gone: the requests then fail and the caller reports that.
+    """
+    while True:
+        try:
+            samples.append((round(time.perf_counter() - started, 2), round(rss_bytes(pid) / 2**20, 1)))
+        except Exception:  # psutil.NoSuchProcess, or /proc/<pid> gone
+            return
+        if done.is_set():
+            return
+        try:
+            await asyncio.wait_for(done.wait(), timeout=every)
+        except TimeoutError:
+            pass
+
+
+def _slope_per_minute(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of RSS (MiB) over time, per minute."""
+    if len(samples) < 2:
+        return 0.0
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_m = sum(m for _, m in samples) / n
+    var = sum((t - mean_t) ** 2 for t, _ in samples)
+    return 0.0 if var == 0 else sum((t - mean_t) * (m - mean_m) for t, m in samples) / var * 60.0
+
+
+async def soak(
+    url: str,
+    pid: int,
+    queries: list[str],
+    *,
+    clients: int = SOAK_CLIENTS,
+    seconds: float = SOAK_SECONDS,
+    warmup_seconds: float = SOAK_WARMUP_SECONDS,
+    sample_seconds: float = SOAK_SAMPLE_SECONDS,
+) -> dict[str, Any]:
+    """Warm up, then ``clients`` closed-loop clients for ``seconds`` while sampling the RSS of ``pid``.
+
+    Memory growth is measured from the RSS at the end of the warm-up (caches, models and allocator
+    pools are filled by then) to the last sample; errors count both phases.
+    """
+    warmup = await drive(url, clients, queries, requests=None, seconds=warmup_seconds)
+    samples: list[tuple[float, float]] = []
+    done = asyncio.Event()
+    started = time.perf_counter()
+    sampler = asyncio.create_task(_sample_rss(pid, sample_seconds, started, samples, done))
+    try:
+        run = await drive(url, clients, queries, requests=None, seconds=seconds)
+    finally:
+        done.set()
+        await sampler
+    if not samples:
+        raise RuntimeError(f"could not read the memory of the server process {pid}")
+    start_mb, end_mb = samples[0][1], samples[-1][1]
+    peak_mb = max(m for _, m in samples)
+    growth = (end_mb - start_mb) / start_mb * 100.0 if start_mb else 0.0
+    errors = run["errors"] + warmup["errors"]
+    return {
+        **run,
+        "errors": errors,
+        "first_error": run["first_error"] or warmup["first_error"],
+        "warmup": {key: warmup[key] for key in ("requests", "errors", "seconds", "throughput_qps")},
+        "rss_baseline": "end of the warm-up",
+        "rss_start_mb": start_mb,
+        "rss_end_mb": end_mb,
+        "rss_peak_mb": peak_mb,
+        "rss_growth_pct": round(growth, 2),
+        "rss_peak_growth_pct": round((peak_mb - start_mb) / start_mb * 100.0, 2) if start_mb else 0.0,
+        "rss_slope_mb_per_min": round(_slope_per_minute(samples), 3),
+        "rss_samples": samples,
+        "target": f"< {SOAK_MAX_GROWTH_PCT:g}% RSS growth, zero errors",
+        "met": growth < SOAK_MAX_GROWTH_PCT and errors == 0,
+    }
+
+
+def run_soak_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """`streamrank bench soak`: one server, SOAK_CLIENTS clients for ``$STREAMRANK_SOAK_SECONDS`` (default 600).
+
+    The pipeline is ``$STREAMRANK_SOAK_PIPELINE`` (default hybrid, over the SciFact indexes under
+    ``$STREAMRANK_HOME``); ``quick`` soaks BM25 over the first QUICK_DOCS SciFact documents for a few seconds.
+    Writes ``soak.md`` (and, through ``streamrank bench``, ``soak.json``).
+    """
+    if quick:
+        pipeline, timing = "bm25", QUICK_SOAK
+    else:
+        pipeline = os.environ.get("STREAMRANK_SOAK_PIPELINE", SOAK_PIPELINE)
+        timing = {
+            "seconds": float(os.environ.get("STREAMRANK_SOAK_SECONDS", SOAK_SECONDS)),
+            "warmup_seconds": SOAK_WARMUP_SECONDS,
+            "sample_seconds": SOAK_SAMPLE_SECONDS,
+        }
+    with tempfile.TemporaryDirectory(prefix="streamrank-bench-soak-") as tmp:
+        work = Path(tmp)
+        extra = quick_index(work) if quick else ""
+        config = work / "soak.toml"
+        config.write_text(
+            f'pipelines = ["{CONFIG_DIR / (pipeline + ".toml")}"]\nbatching = true\nworkers = 1\ntorch_threads = 1\n'
+            f'log_level = "warning"\n{extra}'
+        )
+        with ServiceProcess(config) as server:
+            server.wait_ready(timeout=600)
+            result = asyncio.run(soak(server.url, server.proc.pid, scifact_queries(), **timing))
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"the server exited during the soak\n{server.log_tail()}")
+    figures = {
+        "dataset": f"scifact (first {QUICK_DOCS} documents)" if quick else "scifact",
+        "endpoint": "POST /search k=10",
+        "pipeline": pipeline,
+        "server": {"workers": 1, "torch_threads": 1, "batching": True},
+        **timing,
+        **result,
+    }
+    print(soak_line(figures), flush=True)
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "soak.md").write_text(soak_markdown(figures))
+    return figures
+
+
+def soak_line(f: dict[str, Any]) -> str:
+    return (
+        f"soak {f['pipeline']} clients={f['clients']} {f['seconds']:.0f}s: {f['requests']} requests, {f['errors']} errors, "
+        f"{f['throughput_qps']} q/s, p50/p95/p99 {f['p50_ms']}/{f['p95_ms']}/{f['p99_ms']} ms, RSS {f['rss_start_mb']} -> "
+        f"{f['rss_end_mb']} MiB (peak {f['rss_peak_mb']}, {f['rss_growth_pct']:+}%): {'met' if f['met'] else 'NOT met'}"
+    )
+
+
+def soak_markdown(f: dict[str, Any]) -> str:
+    lines = [
+        f"Soak: {f['endpoint']} on {f['dataset']}, pipeline {f['pipeline']}, {f['clients']} closed-loop clients for "
+        f"{f['seconds']:g} s after a {f['warmup_seconds']:g} s warm-up; server {f['server']}. RSS of the server "
+        f"process every {f['sample_seconds']:g} s, growth measured from the {f['rss_baseline']}.",
+        "",
+        "| requests | errors | q/s | p50 ms | p95 ms | p99 ms | RSS start MiB | RSS end MiB | RSS peak MiB | growth | slope MiB/min | target met |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| {f['requests']} | {f['errors']} | {f['throughput_qps']} | {f['p50_ms']} | {f['p95_ms']} | {f['p99_ms']} | "
+        f"{f['rss_start_mb']} | {f['rss_end_mb']} | {f['rss_peak_mb']} | {f['rss_growth_pct']:+}% | "
+        f"{f['rss_slope_mb_per_min']:+} | {'yes' if f['met'] else 'no'} ({f['target']}) |",
+    ]
+    if f["first_error"]:
+        lines += ["", f"First error: {f['first_error']}"]
     return "\n".join(lines) + "\n"

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
+
+
+def _valid_unicode(text: str) -> str:
+    """Reject lone UTF-16 surrogates (JSON allows ``"\\ud800"``), which no store or response can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate ({text[exc.start]!r} at character {exc.start}): not valid Unicode text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""A request string: any Unicode text, but no lone surrogates."""
 
 
 class _Strict(BaseModel):
@@ -17,10 +32,10 @@ class _Open(BaseModel):
 
 # ---- search --------------------------------------------------------------------------------
 class SearchRequest(_Strict):
-    query: str = Field(min_length=1, description="Query text.")
+    query: Text = Field(min_length=1, description="Query text.")
     k: int = Field(10, ge=1, description="How many documents to return.")
-    pipeline: str | None = Field(None, description="Pipeline name (GET /pipelines); default: the service's default.")
-    user_history: list[str] = Field(default_factory=list, description="Ids of documents the user engaged with.")
+    pipeline: Text | None = Field(None, description="Pipeline name (GET /pipelines); default: the service's default.")
+    user_history: list[Text] = Field(default_factory=list, description="Ids of documents the user engaged with.")
     deadline_ms: float | None = Field(
         None, gt=0, description="Answer within this many ms, cutting a late stage (the answer is then `degraded`)."
     )
@@ -58,18 +73,34 @@ class SearchResponse(_Open):
 
 # ---- rerank (Cohere / Jina compatible) -----------------------------------------------------
 class RerankDocument(_Open):
-    text: str
-    title: str = ""
+    text: Text
+    title: Text = ""
+
+
+def _document_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    return "object" if isinstance(value, dict | RerankDocument) else None
+
+
+RerankItem = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[RerankDocument, Tag("object")],
+    Discriminator(
+        _document_kind,
+        custom_error_type="invalid_document",
+        custom_error_message='each document must be a string or an object {"text": ...}',
+    ),
+]
 
 
 class RerankRequest(_Open):
     """Cohere v1/v2 and Jina rerank requests; unknown fields (``max_tokens_per_doc``...) are ignored."""
 
-    model: str | None = Field(None, description="Pipeline name; default: the service's default pipeline.")
-    query: str = Field(min_length=1)
-    documents: list[str | RerankDocument] = Field(min_length=1, description='Strings, or objects {"text": ...}.')
+    model: Text | None = Field(None, description="Pipeline name; default: the service's default pipeline.")
+    query: Text = Field(min_length=1)
+    documents: list[RerankItem] = Field(min_length=1, description='Strings, or objects {"text": ...}.')
     top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
+    return_documents: StrictBool = False
     deadline_ms: float | None = Field(None, gt=0)
 
 
@@ -97,14 +128,14 @@ class RerankResponse(BaseModel):
 
 # ---- documents -----------------------------------------------------------------------------
 class DocumentIn(_Strict):
-    id: str = Field(min_length=1)
-    text: str
-    title: str = ""
+    id: Text = Field(min_length=1)
+    text: Text
+    title: Text = ""
 
 
 class UpsertRequest(_Strict):
     documents: list[DocumentIn] = Field(min_length=1)
-    pipeline: str | None = Field(None, description="Any pipeline over the index to write (all sharing it are updated).")
+    pipeline: Text | None = Field(None, description="Any pipeline over the index to write (all sharing it are updated).")
 
 
 class UpsertResponse(BaseModel):

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="service settings TOML (or $STREAMRANK_SERVICE_CONFIG)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, ppr, service, retrieval")
+    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, ppr, service, soak, retrieval")
     p.add_argument("name")
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")

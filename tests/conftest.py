@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 # Must be set before triton or torch are imported anywhere in the test process.
@@ -33,3 +34,20 @@ def datasets_root() -> Path:
     if not (SHARED_DATASETS / "beir" / "scifact").exists():
         pytest.skip(f"benchmark data not found at {SHARED_DATASETS} (set STREAMRANK_DATASETS)")
     return SHARED_DATASETS
+
+
+SUMMARY = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def summary_line(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Add a line to the summary printed at the end of the run (shown without ``-s``)."""
+    return pytestconfig.stash.setdefault(SUMMARY, []).append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    lines = config.stash.get(SUMMARY, [])
+    if lines:
+        terminalreporter.section("streamrank")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -224,6 +224,45 @@ def test_malformed_requests_are_422_never_500(
     assert fragment in r.json()["message"] and r.json()["request_id"] == r.headers["x-request-id"]
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "fragment"),
+    [
+        ("/documents", b'{"documents": [{"id": "s1", "text": "bone \\ud800"}]}', "documents.0.text"),
+        ("/v1/rerank", b'{"query": "bone", "documents": ["\\udfff"], "return_documents": true}', "documents.0"),
+        ("/v2/rerank", b'{"query": "bone", "documents": [{"text": "a", "title": "\\ud800"}]}', "documents.0"),
+        ("/search", b'{"query": "bone", "user_history": ["\\ud800"]}', "user_history.0"),
+    ],
+)
+def test_lone_surrogates_are_422_not_500(client: TestClient, path: str, content: bytes, fragment: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate; the store and the response encoder cannot (was a 500)."""
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["message"] and "surrogate" in r.json()["message"]
+
+
+def test_rerank_documents_must_be_strings_or_objects_and_flags_booleans(client: TestClient) -> None:
+    r = client.post("/v1/rerank", json={"query": "bone", "documents": [5]})
+    assert r.status_code == 422 and "must be a string or an object" in r.json()["message"]
+    r = client.post("/v1/rerank", json={"query": "bone", "documents": ["a"], "return_documents": 0})
+    assert r.status_code == 422 and "return_documents" in r.json()["message"]
+
+
+def test_openapi_shows_the_limits_and_errors(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    requests = schema["components"]["schemas"]
+    assert requests["SearchRequest"]["properties"]["k"]["maximum"] == LIMITS["max_k"]
+    assert requests["SearchRequest"]["properties"]["query"]["maxLength"] == LIMITS["max_query_chars"]
+    assert requests["RerankRequest"]["properties"]["documents"]["maxItems"] == LIMITS["max_rerank_documents"]
+    assert requests["UpsertRequest"]["properties"]["documents"]["maxItems"] == LIMITS["max_upsert_documents"]
+    assert {"200", "401", "404", "413", "422", "503"} <= set(schema["paths"]["/search"]["post"]["responses"])
+
+
+def test_method_not_allowed_lists_every_method_of_the_path(client: TestClient) -> None:
+    r = client.put("/documents/d1", json={})
+    assert r.status_code == 405
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "DELETE"}
+
+
 def test_json_body_sent_the_curl_way_is_accepted(client: TestClient) -> None:
     """`curl -d '{...}'` sends a form content type; the body is still JSON and is read as such."""
     expected = client.post("/search", json={"query": "sleep", "k": 2}).json()["results"]

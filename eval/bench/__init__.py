@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "rerank": "streamrank.rankers.bench:run_rerank_benchmark",
     "ppr": "streamrank.index.bench_ppr:run_ppr_benchmark",
     "service": "streamrank.service.bench:run_service_benchmark",
+    "soak": "streamrank.service.bench:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
 }
 
