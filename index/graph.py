@@ -1,4 +1,5 @@
-"""The corpus graph: a k-nearest-neighbour graph over document embeddings, plus user-supplied edges.
+"""The corpus graph: a k-nearest-neighbour graph over document embeddings, optional lexical
+neighbours, plus user-supplied edges.
 
 Nodes are documents (row ``i`` is ``ids[i]``); an edge ``u - v`` with weight ``cos(u, v)`` joins each
 document to its ``neighbors`` most similar documents (exact inner-product search with FAISS over
@@ -6,8 +7,14 @@ the dense stage's normalised embeddings), symmetrised by taking the larger weigh
 ``v -> u``. Optional user edges (citations, links) come from an edge list file, one ``src dst
 [weight]`` per line, and are added on top with a configurable weight.
 
-``add`` links new documents to their k nearest neighbours in both directions without trimming
-existing neighbour lists, so after many additions the graph is a superset of what a rebuild gives;
+Lexical neighbours (GAR, MacAvaney et al., CIKM 2022): each document's text used as a BM25 query,
+its top hits become its neighbours. They are kept in a second matrix (``lexical``), weighted by
+the BM25 score over the row's best score and symmetrised like the kNN edges; the caller computes
+them (the graph knows no index) and passes ``(src, dst, weight)`` id triples.
+
+``add`` links new documents to their k nearest (and given lexical) neighbours in both directions
+without trimming existing neighbour lists, so after many additions the graph is a superset of what
+a rebuild gives;
 ``delete`` drops rows and columns. Both return the rows whose out-edges changed, which is what the
 Monte Carlo fingerprints need to refresh.
 
@@ -81,6 +88,17 @@ def knn_edges(
     )
 
 
+def symmetric_matrix(
+    rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int, min_weight: float = 0.0
+) -> sp.csr_matrix:
+    """An n x n matrix of the directed edges above ``min_weight``, symmetrised by the larger direction."""
+    import scipy.sparse as sp
+
+    keep = weights > min_weight
+    directed = sp.csr_matrix((weights[keep], (rows[keep], cols[keep])), shape=(n, n), dtype=np.float32)
+    return sp.csr_matrix(directed.maximum(directed.T))
+
+
 def read_edge_list(path: str | Path) -> list[tuple[str, str, float]]:
     """Parse an edge list file: ``src dst [weight]`` per line (whitespace or tab separated; ``#`` comments)."""
     edges = []
@@ -102,7 +120,7 @@ def file_digest(path: str | Path) -> str:
 
 @dataclass
 class CorpusGraph:
-    """A document graph: ``ids`` (row order), the symmetric kNN similarity matrix and user edges."""
+    """A document graph: ``ids`` (row order), the symmetric kNN similarity matrix, lexical and user edges."""
 
     ids: list[str]
     knn: sp.csr_matrix
@@ -111,10 +129,14 @@ class CorpusGraph:
     user_edges: list[tuple[str, str, float]] = field(default_factory=list)
     version: str = field(default_factory=lambda: uuid.uuid4().hex)
     """Changes with every add/delete; derived data (fingerprints) records the version it was made from."""
+    lexical: sp.csr_matrix | None = None
+    """Symmetric lexical-neighbour weights (an empty matrix when the graph has none)."""
     row_of: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        if self.lexical is None:
+            self.lexical = _empty(len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,23 +150,36 @@ class CorpusGraph:
         if len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
         graph = cls(list(ids), _empty(len(ids)), neighbors, min_similarity)
-        graph.knn = graph._symmetric(*knn_edges(embeddings, embeddings, neighbors), len(ids))
+        graph.knn = symmetric_matrix(*knn_edges(embeddings, embeddings, neighbors), len(ids), min_similarity)
         return graph
 
-    def _symmetric(self, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, n: int) -> sp.csr_matrix:
+    def link_lexical(self, edges: Iterable[tuple[str, str, float]]) -> np.ndarray:
+        """Merge lexical ``(src, dst, weight)`` edges (symmetrised; unknown ids skipped); rows touched."""
         import scipy.sparse as sp
 
-        keep = sims > self.min_similarity
-        directed = sp.csr_matrix((sims[keep], (rows[keep], cols[keep])), shape=(n, n), dtype=np.float32)
-        return sp.csr_matrix(directed.maximum(directed.T))
+        row_of = self.row_of
+        found = [(row_of[s], row_of[d], w) for s, d, w in edges if s in row_of and d in row_of]
+        if not found:
+            return np.zeros(0, dtype=np.int64)
+        r, c, w = (np.array(col) for col in zip(*found, strict=True))
+        linked = symmetric_matrix(r, c, w.astype(np.float32), len(self))
+        self.lexical = sp.csr_matrix(self.lexical.maximum(linked))
+        return np.unique(np.concatenate([r, c])).astype(np.int64)
 
     # ---- updates --------------------------------------------------------------------------------
-    def add(self, ids: Sequence[str], embeddings: np.ndarray, base: np.ndarray) -> np.ndarray:
+    def add(
+        self,
+        ids: Sequence[str],
+        embeddings: np.ndarray,
+        base: np.ndarray,
+        lexical: Iterable[tuple[str, str, float]] = (),
+    ) -> np.ndarray:
         """Add or re-link documents ``ids`` (their embeddings) to their kNN among all nodes.
 
         ``base`` holds the embeddings of every node after the update, in row order: the current
-        ``ids`` followed by the genuinely new ones in the order given. Returns the rows whose
-        out-edges changed.
+        ``ids`` followed by the genuinely new ones in the order given. The old lexical edges of
+        ``ids`` are dropped and ``lexical`` (their new lexical neighbours) linked. Returns the rows
+        whose out-edges changed.
         """
         import scipy.sparse as sp
 
@@ -153,17 +188,20 @@ class CorpusGraph:
         n = len(self.ids) + len(new)
         if len(base) != n:
             raise ValueError(f"base has {len(base)} rows; expected {n} (existing + new nodes)")
-        knn = self.knn.copy()
+        knn, lex = self.knn.copy(), self.lexical.copy()
         knn.resize((n, n))
+        lex.resize((n, n))
         self.ids.extend(new)
         self.row_of.update({doc_id: len(self.row_of) + i for i, doc_id in enumerate(new)})
         rows = np.array([self.row_of[doc_id] for doc_id in ids], dtype=np.int64)
-        old_neighbours = np.unique(knn[rows].indices) if len(rows) else np.zeros(0, dtype=np.int64)
+        old_neighbours = np.unique(np.concatenate([knn[rows].indices, lex[rows].indices]).astype(np.int64))
         knn = _drop_nodes_edges(knn, rows)
+        self.lexical = _drop_nodes_edges(lex, rows)
         r, c, s = knn_edges(embeddings, base, self.neighbors, query_rows=rows)
-        self.knn = sp.csr_matrix(knn.maximum(self._symmetric(r, c, s, n)))
+        self.knn = sp.csr_matrix(knn.maximum(symmetric_matrix(r, c, s, n, self.min_similarity)))
+        linked = self.link_lexical(lexical)
         self.version = uuid.uuid4().hex
-        return np.unique(np.concatenate([rows, c, old_neighbours]))
+        return np.unique(np.concatenate([rows, c, old_neighbours, linked]))
 
     def delete(self, doc_ids: Iterable[str]) -> np.ndarray:
         """Remove documents (unknown ids ignored); returns the surviving rows (new numbering) that lost edges."""
@@ -174,7 +212,9 @@ class CorpusGraph:
         keep[gone] = False
         touched = np.zeros(len(self.ids), dtype=bool)
         touched[self.knn[:, gone].tocoo().row] = True
+        touched[self.lexical[:, gone].tocoo().row] = True
         self.knn = self.knn[keep][:, keep].tocsr()
+        self.lexical = self.lexical[keep][:, keep].tocsr()
         self.ids = [doc_id for doc_id, k in zip(self.ids, keep, strict=True) if k]
         self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
         self.version = uuid.uuid4().hex
@@ -197,30 +237,40 @@ class CorpusGraph:
         r, c, w = (np.array(col) for col in zip(*found, strict=True))
         return sp.csr_matrix((w.astype(np.float32), (r, c)), shape=(n, n)), skipped
 
-    def adjacency(self, user_weight: float = 1.0) -> sp.csr_matrix:
-        """kNN similarities plus ``user_weight`` times the user edges (duplicates summed)."""
-        if not self.user_edges or user_weight == 0:
-            return self.knn
-        user, _ = self.user_matrix()
-        return (self.knn + user_weight * user).tocsr()
+    def adjacency(self, user_weight: float = 1.0, lexical_weight: float = 1.0) -> sp.csr_matrix:
+        """kNN similarities plus ``lexical_weight`` times the lexical and ``user_weight`` times the
+        user edges (duplicates summed)."""
+        adjacency = self.knn
+        if self.lexical.nnz and lexical_weight:
+            adjacency = (adjacency + lexical_weight * self.lexical).tocsr()
+        if self.user_edges and user_weight:
+            adjacency = (adjacency + user_weight * self.user_matrix()[0]).tocsr()
+        return adjacency
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """Write ``graph.npz`` (matrix, ids, settings, version) atomically into ``folder``."""
         meta = {"neighbors": self.neighbors, "min_similarity": self.min_similarity, "version": self.version}
-        save_sparse(Path(folder) / GRAPH_FILE, self.knn, meta, ids=np.array(self.ids, dtype=str))
+        lex = self.lexical
+        lexical = {"lexical_data": lex.data, "lexical_indices": lex.indices, "lexical_indptr": lex.indptr}
+        save_sparse(Path(folder) / GRAPH_FILE, self.knn, meta, ids=np.array(self.ids, dtype=str), **lexical)
 
     @classmethod
     def load(cls, folder: Path, user_edges: list[tuple[str, str, float]] | None = None) -> CorpusGraph:
         """The graph ``save`` wrote into ``folder``, with ``user_edges`` on top."""
+        import scipy.sparse as sp
+
         knn, meta, arrays = load_sparse(Path(folder) / GRAPH_FILE)
         ids = [str(i) for i in arrays["ids"]]
-        return cls(
-            ids, knn, meta["neighbors"], meta["min_similarity"], list(user_edges or []), meta["version"]
-        )
+        lexical = None
+        if "lexical_indptr" in arrays:  # graphs saved before lexical edges existed have none
+            parts = (arrays["lexical_data"], arrays["lexical_indices"], arrays["lexical_indptr"])
+            lexical = sp.csr_matrix(parts, shape=knn.shape)
+        user = list(user_edges or [])
+        return cls(ids, knn, meta["neighbors"], meta["min_similarity"], user, meta["version"], lexical)
 
     def nbytes(self) -> int:
-        return int(self.knn.data.nbytes + self.knn.indices.nbytes + self.knn.indptr.nbytes)
+        return int(sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (self.knn, self.lexical)))
 
 
 def save_sparse(path: Path, matrix: sp.csr_matrix, meta: dict, **arrays: np.ndarray) -> None:

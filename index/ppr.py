@@ -14,6 +14,11 @@ Solvers (pure functions over a row-stochastic scipy matrix ``P``; restart probab
   has none). Fingerprints are stored beside the graph, one file per walk setting, and on ``add`` /
   ``delete`` only the rows whose walks touched a changed node are re-walked.
 
+The graph links each document to its ``neighbors`` nearest documents by the dense stage's embeddings
+and, with ``lexical_neighbors`` > 0, to its top BM25 hits when its own text (first
+``LEXICAL_QUERY_TERMS`` terms) is the query, as in GAR's corpus graph (MacAvaney et al., 2022),
+searched in the pipeline's BM25 index (``bm25_index``) at build time and for every added document.
+
 The stage seeds PPR with the incoming first-stage ranking (top ``seeds`` candidates, weighted by
 ``1 / (rrf_k + rank)`` or by min-max score) mixed with the query's ``user_history`` documents
 (``history_weight`` of the mass), adds the best-scoring graph neighbours to the candidate pool
@@ -35,13 +40,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from streamrank.errors import ConfigError
 from streamrank.index.base import IndexedConfig, IndexedRetriever
 from streamrank.models import MINILM
-from streamrank.types import Candidate, Document, Ranking
+from streamrank.types import Candidate, Document, Query, Ranking
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
+    from streamrank.index.bm25 import BM25Retriever
     from streamrank.index.dense import DenseRetriever
     from streamrank.index.graph import CorpusGraph
 
@@ -49,6 +56,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.15
 """Restart probability (damping 0.85), the published PageRank setting."""
+
+LEXICAL_QUERY_TERMS = 300
+"""A document used as a BM25 query is cut to its first this many terms (Lucene caps boolean clauses)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +286,12 @@ class PPRConfig(IndexedConfig):
     edges: str | None = None
     """Optional edge list file (``src dst [weight]`` per line) added on top of the kNN edges."""
     edge_weight: float = Field(1.0, ge=0)
+    lexical_neighbors: int = Field(0, ge=0)
+    """BM25 neighbours per document (GAR's lexical corpus graph; 16 in the paper); 0: none."""
+    bm25_index: str = "bm25"
+    """The BM25 index (its stage's ``index`` folder) the lexical neighbours are searched in."""
+    lexical_weight: float = Field(0.5, ge=0)
+    """Weight of the lexical edges (BM25 score / the document's best score) beside the kNN cosines."""
     # solver
     alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1)
     solver: Literal["power", "montecarlo"] = "power"
@@ -341,15 +357,61 @@ class PPRStage(IndexedRetriever):
             lambda: self.context.build_stage({"kind": "dense", "model": model}, f"ppr stage {self.name!r}"),
         )
 
+    def bm25(self) -> BM25Retriever:
+        """A BM25 stage over the pipeline's ``bm25_index`` (for the lexical neighbours)."""
+        name = self.config.bm25_index
+        return self.context.shared(
+            ("bm25-index", name),
+            lambda: self.context.build_stage({"kind": "bm25", "index": name}, f"ppr stage {self.name!r}"),
+        )
+
     def settings(self) -> dict[str, Any]:
         dense = self.dense()
-        return {
+        settings = {
             "kind": "knn-graph",
             "neighbors": self.config.neighbors,
             "min_similarity": self.config.min_similarity,
             "dense_index": dense.folder.name,
             "dense_model": dense.settings()["model"],
         }
+        if self.config.lexical_neighbors:  # absent otherwise: graphs built before the option still match
+            bm25 = self.bm25().config
+            settings["lexical"] = {
+                "neighbors": self.config.lexical_neighbors,
+                "bm25_index": self.config.bm25_index,
+                "k1": bm25.k1,
+                "b": bm25.b,
+                "query_terms": LEXICAL_QUERY_TERMS,
+            }
+        return settings
+
+    def lexical_edges(self, documents: Sequence[Document], batch: int = 1000) -> list[tuple[str, str, float]]:
+        """``(doc, neighbour, weight)`` for each document's top ``lexical_neighbors`` BM25 hits (itself
+        excluded) with its text as the query; weight = score / the document's best score."""
+        from streamrank.index import manifest as mf
+
+        k = self.config.lexical_neighbors
+        if not k:
+            return []
+        bm25 = self.bm25()
+        if mf.read_manifest(bm25.folder) is None:
+            raise ConfigError(
+                f"ppr stage {self.name!r}: lexical_neighbors = {k} needs the pipeline's BM25 index "
+                f"{self.config.bm25_index!r} ({bm25.folder} is not built): add a bm25 stage before this "
+                "one, or set bm25_index to its index folder"
+            )
+        queries = [
+            Ranking(query=Query(id=d.id, text=" ".join(d.contents.split()[:LEXICAL_QUERY_TERMS])))
+            for d in documents
+            if d.contents.strip()
+        ]
+        edges = []
+        for lo in range(0, len(queries), batch):
+            for ranking in bm25.run_top(queries[lo : lo + batch], k + 1):
+                hits = [c for c in ranking.candidates if c.doc_id != ranking.query.id][:k]
+                best = max((c.score for c in hits), default=0.0)
+                edges += [(ranking.query.id, c.doc_id, c.score / best) for c in hits if c.score > 0]
+        return edges
 
     def _user_edges(self) -> list[tuple[str, str, float]]:
         from streamrank.index.graph import read_edge_list
@@ -368,12 +430,15 @@ class PPRStage(IndexedRetriever):
             neighbors=self.config.neighbors,
             min_similarity=self.config.min_similarity,
         )
+        graph.link_lexical(self.lexical_edges(documents))
         graph.save(folder)
         info = {
             "doc_count": len(graph),
             "edges": int(graph.knn.nnz),
             "build_seconds": round(time.perf_counter() - started, 2),
         }
+        if self.config.lexical_neighbors:
+            info["lexical_edges"] = int(graph.lexical.nnz)
         if self.config.solver == "montecarlo":  # precomputed offline, with the index
             graph.user_edges = self._user_edges()
             solved = self._solve_state(graph)
@@ -393,7 +458,8 @@ class PPRStage(IndexedRetriever):
         return list(self._solved.graph.ids) if self._solved else []
 
     def _solve_state(self, graph: CorpusGraph, fingerprints: sp.csr_matrix | None = None) -> _Solved:
-        P, dangling = transition_matrix(graph.adjacency(self.config.edge_weight))
+        lexical_weight = self.config.lexical_weight if self.config.lexical_neighbors else 0.0
+        P, dangling = transition_matrix(graph.adjacency(self.config.edge_weight, lexical_weight))
         return _Solved(graph, P, P.T.tocsr(), dangling, fingerprints)
 
     # ---- fingerprints ------------------------------------------------------------------------------
@@ -410,6 +476,8 @@ class PPRStage(IndexedRetriever):
             "edges": file_digest(cfg.edges) if cfg.edges else None,
             "edge_weight": cfg.edge_weight,
         }
+        if cfg.lexical_neighbors:  # keeps the file names of graphs without lexical edges
+            key["lexical_weight"] = cfg.lexical_weight
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return folder / f"fingerprints-{digest}.npz"
 
@@ -487,7 +555,7 @@ class PPRStage(IndexedRetriever):
         base = self.dense().embeddings_for(everything)
         position = {doc_id: i for i, doc_id in enumerate(everything)}
         graph = _copy_graph(graph)
-        changed = graph.add(ids, base[[position[i] for i in ids]], base)
+        changed = graph.add(ids, base[[position[i] for i in ids]], base, self.lexical_edges(documents))
         return self._commit(old, graph, changed, kept=None)
 
     def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
@@ -506,11 +574,14 @@ class PPRStage(IndexedRetriever):
         self._refresh_fingerprints(old, new, changed, kept)
         graph.save(self.folder)
         self._solved = new
-        return {
+        info = {
             **(self._manifest or {}).get("info", {}),
             "doc_count": len(graph),
             "edges": int(graph.knn.nnz),
         }
+        if self.config.lexical_neighbors:
+            info["lexical_edges"] = int(graph.lexical.nnz)
+        return info
 
     # ---- ranking ----------------------------------------------------------------------------------
     def seed_vector(self, ranking: Ranking, row_of: dict[str, int]) -> dict[int, float]:
@@ -617,4 +688,10 @@ def _copy_graph(graph: CorpusGraph) -> CorpusGraph:
     """A copy an update may change while queries keep using the original."""
     from dataclasses import replace
 
-    return replace(graph, ids=list(graph.ids), knn=graph.knn.copy(), user_edges=list(graph.user_edges))
+    return replace(
+        graph,
+        ids=list(graph.ids),
+        knn=graph.knn.copy(),
+        user_edges=list(graph.user_edges),
+        lexical=graph.lexical.copy(),
+    )

@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from streamrank.context import PipelineContext
-from streamrank.errors import IndexMissingError
+from streamrank.errors import ConfigError, IndexMismatchError, IndexMissingError
+from streamrank.index import manifest as mf
 from streamrank.index.graph import CorpusGraph, personalised_query, read_edge_list
 from streamrank.index.ppr import (
     PPRStage,
@@ -304,3 +305,86 @@ def test_replacing_a_document_relinks_it() -> None:
     assert len(graph) == len(docs) and row in changed
     assert {graph.ids[c][0] for c in graph.knn[row].indices} == {"c"}
     assert not any(graph.ids[r].startswith("a") for r in graph.knn[:, row].tocoo().row)
+
+
+# ---- lexical (BM25) neighbours, real Lucene -------------------------------------------------------
+@pytest.fixture
+def lexical_stage(tmp_path: Path) -> PPRStage:
+    """The toy corpus with a real BM25 index and a ppr stage linking 2 lexical neighbours per document."""
+    from streamrank.index.bm25 import BM25Retriever
+
+    context = PipelineContext(tmp_path / "idx", corpus="toy")
+    context.shared(("dense-embeddings", MINILM), lambda: FakeDense(context))
+    context.store.upsert(corpus())
+    BM25Retriever.from_dict({"kind": "bm25"}, context).build(context.store)
+    stage = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, "lexical_neighbors": 2}, context)
+    stage.build(context.store)
+    yield stage  # type: ignore[misc]
+    context.close()
+
+
+def bm25_top(stage: PPRStage, text: str, skip: str, k: int) -> list[str]:
+    """The top ``k`` ids pyserini's searcher gives for ``text``, ``skip`` left out."""
+    bm25 = stage.bm25()
+    bm25._ensure_open()
+    return [h.docid for h in bm25._searcher.search(text, k=k + 1) if h.docid != skip][:k]
+
+
+@pytest.mark.slow
+def test_lexical_neighbours_are_the_bm25_top_hits(lexical_stage: PPRStage) -> None:
+    stage = lexical_stage
+    stage._ensure_open()
+    graph = stage._solved.graph
+    L = graph.lexical
+    assert L.nnz and (L != L.T).nnz == 0 and L.diagonal().sum() == 0
+    for doc in corpus():
+        row = graph.row_of[doc.id]
+        top = bm25_top(stage, doc.contents, doc.id, 2)
+        assert all(L[row, graph.row_of[t]] > 0 for t in top)  # its own hits, and the best weighs 1
+        assert L[row, graph.row_of[top[0]]] == pytest.approx(1.0)
+    settings = mf.read_manifest(stage.folder)["settings"]
+    assert settings["lexical"] == {
+        "neighbors": 2,
+        "bm25_index": "bm25",
+        "k1": 0.9,
+        "b": 0.4,
+        "query_terms": 300,
+    }
+    assert mf.read_manifest(stage.folder)["info"]["lexical_edges"] == L.nnz
+    # the lexical edges take part in PPR, with their weight
+    P_without = stage._solve_state(graph).P.copy()
+    stage.config.lexical_weight = 0.0
+    assert (stage._solve_state(graph).P != P_without).nnz > 0
+    # another setting is another index
+    for lexical in (3, 0):
+        other = PPRStage.from_dict(
+            {"kind": "ppr", "neighbors": 3, "lexical_neighbors": lexical}, stage.context
+        )
+        with pytest.raises(IndexMismatchError, match="lexical"):
+            other.indexed_ids()
+
+
+@pytest.mark.slow
+def test_added_document_gets_lexical_edges_and_delete_drops_them(lexical_stage: PPRStage) -> None:
+    stage = lexical_stage
+    new = Document(id="c-new", text="vaccine antibody immune trial antibody")
+    stage.context.store.upsert([new])
+    stage.bm25().add([new])  # the pipeline's BM25 stage comes first
+    stage.add([new])
+    graph = stage._solved.graph
+    row = graph.row_of["c-new"]
+    top = bm25_top(stage, new.contents, new.id, 2)
+    assert {graph.ids[c] for c in graph.lexical[row].indices} >= set(top)
+    assert all(t.startswith("c") and graph.lexical[graph.row_of[t], row] > 0 for t in top)  # both ways
+    assert mf.read_manifest(stage.folder)["info"]["lexical_edges"] == graph.lexical.nnz
+    stage.delete(["c-new"])
+    assert stage._solved.graph.lexical.shape == (len(corpus()),) * 2
+
+
+def test_lexical_neighbours_need_a_bm25_index(tmp_path: Path) -> None:
+    context = PipelineContext(tmp_path / "idx", corpus="toy")
+    context.shared(("dense-embeddings", MINILM), lambda: FakeDense(context))
+    context.store.upsert(corpus())
+    stage = PPRStage.from_dict({"kind": "ppr", "lexical_neighbors": 16}, context)
+    with pytest.raises(ConfigError, match="BM25 index 'bm25'"):
+        stage.build(context.store)
