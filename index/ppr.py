@@ -359,10 +359,12 @@ class PPRStage(IndexedRetriever):
 
     def bm25(self) -> BM25Retriever:
         """A BM25 stage over the pipeline's ``bm25_index`` (for the lexical neighbours)."""
-        name = self.config.bm25_index
+        name, depth = self.config.bm25_index, self.config.lexical_neighbors + 1  # + the document itself
         return self.context.shared(
-            ("bm25-index", name),
-            lambda: self.context.build_stage({"kind": "bm25", "index": name}, f"ppr stage {self.name!r}"),
+            ("bm25-index", name, depth),
+            lambda: self.context.build_stage(
+                {"kind": "bm25", "index": name, "k": depth}, f"ppr stage {self.name!r}"
+            ),
         )
 
     def settings(self) -> dict[str, Any]:
