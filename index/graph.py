@@ -157,12 +157,10 @@ class CorpusGraph:
         """Merge lexical ``(src, dst, weight)`` edges (symmetrised; unknown ids skipped); rows touched."""
         import scipy.sparse as sp
 
-        row_of = self.row_of
-        found = [(row_of[s], row_of[d], w) for s, d, w in edges if s in row_of and d in row_of]
-        if not found:
+        r, c, w = self._edge_rows(edges)
+        if not len(r):
             return np.zeros(0, dtype=np.int64)
-        r, c, w = (np.array(col) for col in zip(*found, strict=True))
-        linked = symmetric_matrix(r, c, w.astype(np.float32), len(self))
+        linked = symmetric_matrix(r, c, w, len(self))
         self.lexical = sp.csr_matrix(self.lexical.maximum(linked))
         return np.unique(np.concatenate([r, c])).astype(np.int64)
 
@@ -220,22 +218,26 @@ class CorpusGraph:
         self.version = uuid.uuid4().hex
         return np.flatnonzero(touched[keep])
 
+    def _edge_rows(self, edges: Iterable[tuple[str, str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(src rows, dst rows, float32 weights)`` of the id edges whose both ends are in the graph."""
+        row_of = self.row_of
+        found = [(row_of[s], row_of[d], w) for s, d, w in edges if s in row_of and d in row_of]
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        r, c, w = (np.array(col) for col in zip(*found, strict=True))
+        return r, c, w.astype(np.float32)
+
     # ---- the matrix solvers use -----------------------------------------------------------------
     def user_matrix(self) -> tuple[sp.csr_matrix, int]:
         """User edges between known documents as a sparse matrix, and how many edges were skipped."""
         import scipy.sparse as sp
 
         n = len(self.ids)
-        found = [
-            (self.row_of[s], self.row_of[d], w)
-            for s, d, w in self.user_edges
-            if s in self.row_of and d in self.row_of
-        ]
-        skipped = len(self.user_edges) - len(found)
-        if not found:
+        r, c, w = self._edge_rows(self.user_edges)
+        skipped = len(self.user_edges) - len(r)
+        if not len(r):
             return _empty(n), skipped
-        r, c, w = (np.array(col) for col in zip(*found, strict=True))
-        return sp.csr_matrix((w.astype(np.float32), (r, c)), shape=(n, n)), skipped
+        return sp.csr_matrix((w, (r, c)), shape=(n, n)), skipped
 
     def adjacency(self, user_weight: float = 1.0, lexical_weight: float = 1.0) -> sp.csr_matrix:
         """kNN similarities plus ``lexical_weight`` times the lexical and ``user_weight`` times the

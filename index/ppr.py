@@ -434,13 +434,7 @@ class PPRStage(IndexedRetriever):
         )
         graph.link_lexical(self.lexical_edges(documents))
         graph.save(folder)
-        info = {
-            "doc_count": len(graph),
-            "edges": int(graph.knn.nnz),
-            "build_seconds": round(time.perf_counter() - started, 2),
-        }
-        if self.config.lexical_neighbors:
-            info["lexical_edges"] = int(graph.lexical.nnz)
+        info = {**self._graph_counts(graph), "build_seconds": round(time.perf_counter() - started, 2)}
         if self.config.solver == "montecarlo":  # precomputed offline, with the index
             graph.user_edges = self._user_edges()
             solved = self._solve_state(graph)
@@ -576,14 +570,14 @@ class PPRStage(IndexedRetriever):
         self._refresh_fingerprints(old, new, changed, kept)
         graph.save(self.folder)
         self._solved = new
-        info = {
-            **(self._manifest or {}).get("info", {}),
-            "doc_count": len(graph),
-            "edges": int(graph.knn.nnz),
-        }
+        return {**(self._manifest or {}).get("info", {}), **self._graph_counts(graph)}
+
+    def _graph_counts(self, graph: CorpusGraph) -> dict[str, int]:
+        """The graph's size for the index manifest (lexical edges only when the option is on)."""
+        counts = {"doc_count": len(graph), "edges": int(graph.knn.nnz)}
         if self.config.lexical_neighbors:
-            info["lexical_edges"] = int(graph.lexical.nnz)
-        return info
+            counts["lexical_edges"] = int(graph.lexical.nnz)
+        return counts
 
     # ---- ranking ----------------------------------------------------------------------------------
     def seed_vector(self, ranking: Ranking, row_of: dict[str, int]) -> dict[int, float]:
