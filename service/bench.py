@@ -247,6 +247,14 @@ def run_service_benchmark(output_dir: Path | None = None, quick: bool = False) -
     return figures
 
 
+def server_settings(pipeline: str, batching: bool, workers: int, torch_threads: int, extra: str = "") -> str:
+    """A service settings file serving ``configs/<pipeline>.toml`` (``extra``: more settings lines)."""
+    return (
+        f'pipelines = ["{CONFIG_DIR / (pipeline + ".toml")}"]\nbatching = {str(batching).lower()}\n'
+        f'workers = {workers}\ntorch_threads = {torch_threads}\nlog_level = "warning"\n{extra}'
+    )
+
+
 def measure(
     pipelines: Sequence[str], work: Path, *, quick: bool = False, extra: str = "", workers: int = 1, torch_threads: int = 1
 ) -> dict[str, Any]:
@@ -260,10 +268,7 @@ def measure(
     for name in pipelines:
         for batching in (False, True):
             config = work / f"{name}-{'batched' if batching else 'single'}.toml"
-            config.write_text(
-                f'pipelines = ["{CONFIG_DIR / (name + ".toml")}"]\nbatching = {str(batching).lower()}\n'
-                f'workers = {workers}\ntorch_threads = {torch_threads}\nlog_level = "warning"\n{extra}'
-            )
+            config.write_text(server_settings(name, batching, workers, torch_threads, extra))
             with ServiceProcess(config) as server:
                 try:
                     server.wait_ready(timeout=600)
@@ -373,13 +378,12 @@ async def _sample_rss(pid: int, every: float, started: float, samples: list[tupl
 
 def _slope_per_minute(samples: list[tuple[float, float]]) -> float:
     """Least-squares slope of RSS (MiB) over time, per minute."""
-    if len(samples) < 2:
+    import numpy as np
+
+    times = np.array([t for t, _ in samples])
+    if len(samples) < 2 or np.ptp(times) == 0:
         return 0.0
-    n = len(samples)
-    mean_t = sum(t for t, _ in samples) / n
-    mean_m = sum(m for _, m in samples) / n
-    var = sum((t - mean_t) ** 2 for t, _ in samples)
-    return 0.0 if var == 0 else sum((t - mean_t) * (m - mean_m) for t, m in samples) / var * 60.0
+    return float(np.polyfit(times, [m for _, m in samples], 1)[0]) * 60.0
 
 
 async def soak(
@@ -451,10 +455,7 @@ def run_soak_benchmark(output_dir: Path | None = None, quick: bool = False) -> d
         work = Path(tmp)
         extra = quick_index(work) if quick else ""
         config = work / "soak.toml"
-        config.write_text(
-            f'pipelines = ["{CONFIG_DIR / (pipeline + ".toml")}"]\nbatching = true\nworkers = 1\ntorch_threads = 1\n'
-            f'log_level = "warning"\n{extra}'
-        )
+        config.write_text(server_settings(pipeline, batching=True, workers=1, torch_threads=1, extra=extra))
         with ServiceProcess(config) as server:
             server.wait_ready(timeout=600)
             result = asyncio.run(soak(server.url, server.proc.pid, scifact_queries(), **timing))
