@@ -64,6 +64,14 @@ SEARCH_DEPTH = 2
 DocumentLookup = Mapping[str, Document] | Callable[[Sequence[str]], Mapping[str, Document]]
 
 
+def refuse_test_split(split: str, action: str, advice: str) -> None:
+    """Raise unless ``split`` may be used to fit anything: test queries must stay unseen."""
+    if split.lower() == "test":
+        raise StreamRankError(
+            f"refusing to {action} on the test split: test queries must stay unseen; use --split train ({advice})"
+        )
+
+
 # ---- datasets -----------------------------------------------------------------------------------
 class Dataset(ABC):
     """One evaluation set: a corpus (unless it is a reranking set), queries and qrels per split."""

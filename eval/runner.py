@@ -69,7 +69,7 @@ def run_eval(
         started = time.perf_counter()
         pools = _candidate_pools(data, split, candidates, pipe)
         rankings = _initial_rankings(queries, pools)
-        run, latencies, stage_ms, calls = _rank(pipe, rankings, batch_size, data.excluded_ids(split))
+        run, latencies, stage_ms, calls = rank_run(pipe, rankings, batch_size, data.excluded_ids(split))
         judged = data.qrels(split)
         per_query = per_query_metrics(
             {qid: dict(hits) for qid, hits in run.items()}, {q.id: judged[q.id] for q in queries}, measures
@@ -149,7 +149,7 @@ def _initial_rankings(queries: Sequence[Query], pools: Mapping[str, list[Candida
     return [Ranking(query=q, candidates=pools[q.id]) for q in queries if pools.get(q.id)]
 
 
-def _rank(
+def rank_run(
     pipe: Pipeline, rankings: Sequence[Ranking], batch_size: int, excluded: Mapping[str, set[str]]
 ) -> tuple[RunList, list[float], dict[str, list[float]], dict[str, int]]:
     """Run the pipeline batch by batch; keep only the run, per-query latency, stage times, call totals."""

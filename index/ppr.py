@@ -357,6 +357,10 @@ class PPRStage(IndexedRetriever):
             lambda: self.context.build_stage({"kind": "dense", "model": model}, f"ppr stage {self.name!r}"),
         )
 
+    def dependencies(self) -> tuple[DenseRetriever]:
+        """The dense stage: built and updated before the graph that links its embeddings."""
+        return (self.dense(),)
+
     def bm25(self) -> BM25Retriever:
         """A BM25 stage over the pipeline's ``bm25_index`` (for the lexical neighbours)."""
         name, depth = self.config.bm25_index, self.config.lexical_neighbors + 1  # + the document itself

@@ -271,14 +271,11 @@ def train_ranker(
     graded labels from the qrels, trains lambdarank and writes the model where the stage will look
     for it (or to ``output``). Refuses a split named ``test``.
     """
-    if split.lower() == "test":
-        raise StreamRankError(
-            "refusing to train the ranker on the test split: test queries must stay unseen; "
-            "use --split train (early stopping holds out part of train itself)"
-        )
     from streamrank.config import load_pipeline
-    from streamrank.eval.datasets import load_dataset
+    from streamrank.eval.datasets import load_dataset, refuse_test_split
     from streamrank.pipeline import Pipeline
+
+    refuse_test_split(split, "train the ranker", "early stopping holds out part of train itself")
 
     data = load_dataset(dataset)
     queries = data.queries(split)[: limit if limit else None]
@@ -295,9 +292,7 @@ def train_ranker(
             raise ConfigError(f"{pipeline}: the `learned` stage needs generator stages before it")
         pipe.index()
         prefix = Pipeline(f"{pipe.name}-generators", pipe.stages[:position], pipe.context)
-        pools: list[Ranking] = []
-        for start in range(0, len(queries), batch_size):
-            pools.extend(prefix.run([Ranking(query=q) for q in queries[start : start + batch_size]]))
+        pools = prefix.run_batched([Ranking(query=q) for q in queries], batch_size, desc="generators")
         path = Path(output) if output is not None else stage.model_path
         model = fit_ranker_model(
             pools, qrels, stage.config, exclude=[stage.name, *stage.config.exclude_stages]

@@ -1,4 +1,4 @@
-"""`streamrank` command line: index, search, eval, serve, bench, train-ranker.
+"""`streamrank` command line: index, search, eval, serve, bench, train-ranker, tune.
 
 Each command parses its flags and calls one library function; no logic lives here.
 """
@@ -112,6 +112,24 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from streamrank.eval.tune import parse_grid, render_summary, tune_stage
+
+    result = tune_stage(
+        dataset=args.dataset,
+        pipeline=args.pipeline,
+        grid=parse_grid(args.grid),
+        split=args.split,
+        stage=args.stage,
+        measure=args.measure,
+        folds=args.folds,
+        limit=args.limit,
+        output=Path(args.output) if args.output else None,
+    )
+    print(render_summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="model path (default: the one the pipeline names)")
     p.add_argument("--limit", type=int)
     p.set_defaults(func=cmd_train_ranker)
+
+    p = sub.add_parser("tune", help="grid-search one stage's query-time options on a train split")
+    p.add_argument("--dataset", "-d", required=True)
+    p.add_argument("--pipeline", "-p", required=True)
+    p.add_argument("--grid", "-g", action="append", required=True, help="OPTION=V1,V2,... (repeat for more)")
+    p.add_argument("--stage", help="top-level stage name (default: the last)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--measure", default="nDCG@10")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--output", "-o", help="folder to write tune.json into")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -112,12 +112,31 @@ class Pipeline:
             self.context.attach_documents(current, limit=k)
         return [replace(r) for r in current]
 
+    def run_batched(
+        self, rankings: Sequence[Ranking], batch_size: int = 32, desc: str | None = None
+    ) -> list[Ranking]:
+        """``run`` (full depth) over many rankings, ``batch_size`` at a time, with a progress bar."""
+        from tqdm import tqdm
+
+        out: list[Ranking] = []
+        with tqdm(total=len(rankings), unit="q", desc=desc or self.name, disable=len(rankings) < 50) as bar:
+            for start in range(0, len(rankings), batch_size):
+                out.extend(self.run(rankings[start : start + batch_size]))
+                bar.update(min(batch_size, len(rankings) - start))
+        return out
+
     # ---- indexing -------------------------------------------------------------------------
     def iter_stages(self) -> Iterator[BaseStage]:
-        """Every stage, including those nested inside others (fusion's retrievers)."""
+        """Every stage once, nested ones included (fusion's retrievers), each after its dependencies
+        (the dense index a PPR graph is built from, even when the pipeline has no dense stage)."""
+        seen: set[int] = set()
 
         def walk(stages: Iterable[BaseStage]) -> Iterator[BaseStage]:
             for stage in stages:
+                if id(stage) in seen:
+                    continue
+                seen.add(id(stage))
+                yield from walk(stage.dependencies())
                 yield stage
                 yield from walk(getattr(stage, "children", ()))
 

@@ -72,6 +72,10 @@ class BaseStage:
         """
         return self.run(rankings)
 
+    def dependencies(self) -> Sequence[BaseStage]:
+        """Stages whose indexes this one reads; the pipeline builds, updates and closes them before it."""
+        return ()
+
     def build(self, documents: Iterable[Document], *, rebuild: bool = False) -> None:
         """Create this stage's index over ``documents`` (no-op for stateless stages)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,25 @@ def datasets_root() -> Path:
     if not (SHARED_DATASETS / "beir" / "scifact").exists():
         pytest.skip(f"benchmark data not found at {SHARED_DATASETS} (set STREAMRANK_DATASETS)")
     return SHARED_DATASETS
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A 40-query BEIR-layout dataset: each topic has a relevant "key answer" and a wordier distractor."""
+    folder = tmp_path / "tiny"
+    (folder / "qrels").mkdir(parents=True)
+    docs, queries, train, test = [], [], ["query-id\tcorpus-id\tscore"], ["query-id\tcorpus-id\tscore"]
+    for q in range(40):
+        topic = f"topic{q}"
+        queries.append({"_id": f"q{q}", "text": f"{topic} question"})
+        docs.append({"_id": f"rel{q}", "title": "", "text": f"{topic} key answer"})
+        docs.append({"_id": f"dis{q}", "title": "", "text": f"{topic} {topic} question distractor"})
+        (train if q < 30 else test).append(f"q{q}\trel{q}\t1")
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels" / "train.tsv").write_text("\n".join(train) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("\n".join(test) + "\n")
+    return folder
 
 
 SUMMARY = pytest.StashKey[list[str]]()

@@ -115,27 +115,10 @@ class KeyPrior(BaseStage):
         ]
 
 
-def tiny_dataset(root: Path) -> Path:
-    folder = root / "tiny"
-    (folder / "qrels").mkdir(parents=True)
-    docs, queries, train, test = [], [], ["query-id\tcorpus-id\tscore"], ["query-id\tcorpus-id\tscore"]
-    for q in range(40):
-        topic = f"topic{q}"
-        queries.append({"_id": f"q{q}", "text": f"{topic} question"})
-        docs.append({"_id": f"rel{q}", "title": "", "text": f"{topic} key answer"})
-        docs.append({"_id": f"dis{q}", "title": "", "text": f"{topic} {topic} question distractor"})
-        (train if q < 30 else test).append(f"q{q}\trel{q}\t1")
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (folder / "qrels" / "train.tsv").write_text("\n".join(train) + "\n")
-    (folder / "qrels" / "test.tsv").write_text("\n".join(test) + "\n")
-    return folder
-
-
-def test_train_ranker_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_ranker_end_to_end(tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry.STAGE_KINDS, "overlap", f"{__name__}:Overlap")
     monkeypatch.setitem(registry.STAGE_KINDS, "prior", f"{__name__}:KeyPrior")
-    data = tiny_dataset(tmp_path)
+    data = tiny_dataset
     model_path = tmp_path / "models" / "ranker.txt"
     config = tmp_path / "learned.toml"
     config.write_text(

@@ -388,3 +388,27 @@ def test_lexical_neighbours_need_a_bm25_index(tmp_path: Path) -> None:
     stage = PPRStage.from_dict({"kind": "ppr", "lexical_neighbors": 16}, context)
     with pytest.raises(ConfigError, match="BM25 index 'bm25'"):
         stage.build(context.store)
+
+
+def test_pipeline_without_a_dense_stage_builds_and_updates_the_one_ppr_needs(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    """Real BM25 + MiniLM: `index` builds the dense index the graph links; an added document reaches both."""
+    import streamrank
+
+    config = tmp_path / "p.toml"
+    config.write_text(
+        f'name = "bm25-ppr"\ncorpus = "{tiny_dataset}"\nindex_dir = "{tmp_path / "idx"}"\n'
+        '[[stages]]\nkind = "bm25"\nk = 10\n[[stages]]\nkind = "ppr"\nneighbors = 3\nk = 10\n'
+    )
+    pipeline = streamrank.load_pipeline(config)
+    try:
+        names = [s.name for s in pipeline.iter_stages()]
+        assert names == ["bm25", "dense", "ppr"]  # the dense index before the graph built from it
+        pipeline.index()
+        assert mf.read_manifest(tmp_path / "idx" / "dense")["doc_count"] == 80
+        pipeline.add_documents([Document(id="new", text="topic3 key answer again")])
+        (ppr,) = [s for s in pipeline.stages if isinstance(s, PPRStage)]
+        assert "new" in ppr._live_ids() and "new" in pipeline.search("topic3 question", k=10).doc_ids()
+    finally:
+        pipeline.close()
