@@ -209,10 +209,12 @@ def run_block_benchmark(
     ratio: float = 0.5,
     dtype: torch.dtype = torch.float32,
     shapes: Sequence[BlockShape] = SHAPES,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every (shape, seq, batch, variant) with ``batch * seq <= max_tokens``; one row each.
 
     Configurations with more attention work than batch 8 x sequence 512 get ``reps_large`` timed runs.
+    ``on_row`` sees each row as soon as it is measured (progress on long runs).
     """
     rows = []
     for shape in shapes:
@@ -239,6 +241,8 @@ def run_block_benchmark(
                         "mem_vs_unfused": round(peak / baseline[1], 3) if baseline else None,
                         "max_abs_err_vs_unfused": err,
                     })  # fmt: skip
+                    if on_row is not None:
+                        on_row(rows[-1])
                     del out
                 del x, baseline
     return rows

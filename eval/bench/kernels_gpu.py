@@ -70,7 +70,14 @@ def run_gpu_benchmark(output: Path | None, quick: bool = False, dtype: str = "fl
     # warm-up: compile every Triton kernel variant once before anything is timed
     run_block_benchmark("cuda", ("triton",), seqs=(64,), batches=(2,), reps=1, dtype=DTYPES[dtype])
     rows = run_block_benchmark(
-        "cuda", VARIANTS_GPU, max_tokens=65536, reps=10, reps_large=5, dtype=DTYPES[dtype], **sizes
+        "cuda",
+        VARIANTS_GPU,
+        max_tokens=65536,
+        reps=10,
+        reps_large=5,
+        dtype=DTYPES[dtype],
+        on_row=lambda row: print(json.dumps(row), flush=True),
+        **sizes,
     )
     meta = {
         "device": torch.cuda.get_device_name(),
