@@ -77,14 +77,12 @@ def cross_validated_gain(
 
 
 def _fresh(rankings: Sequence[Ranking]) -> list[Ranking]:
-    """Copies a stage may annotate without touching the cached rankings."""
+    """Copies of the rankings' lists and dicts, which ``Pipeline.run`` appends to (timings, notes).
+
+    Candidates are shared: stages never change them in place (``Ranking.rescored`` makes new ones).
+    """
     return [
-        replace(
-            r,
-            candidates=[replace(c, stage_scores=dict(c.stage_scores)) for c in r.candidates],
-            notes=list(r.notes),
-            timings_ms=dict(r.timings_ms),
-        )
+        replace(r, candidates=list(r.candidates), notes=list(r.notes), timings_ms=dict(r.timings_ms))
         for r in rankings
     ]
 
