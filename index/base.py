@@ -40,6 +40,8 @@ class IndexedRetriever(BaseStage):
     is_retriever: ClassVar[bool] = True
     libraries: ClassVar[tuple[str, ...]] = ()
     """Distributions whose versions go into the manifest."""
+    AT_LEAST_SETTINGS: ClassVar[tuple[str, ...]] = ()
+    """List settings an index may hold more of than a pipeline asks for (see ``check_settings``)."""
     config: IndexedConfig
 
     def __init__(self, config: IndexedConfig, context: Any) -> None:
@@ -126,7 +128,7 @@ class IndexedRetriever(BaseStage):
             if stamp is not None and stamp == self._stamp:
                 return
             manifest = mf.require_manifest(folder, self.config.kind)
-            mf.check_settings(manifest, self.settings(), folder)
+            mf.check_settings(manifest, self.settings(), folder, self.AT_LEAST_SETTINGS)
             self._release()
             self._open(folder, manifest)
             self._manifest, self._stamp = manifest, stamp
@@ -158,7 +160,7 @@ class IndexedRetriever(BaseStage):
         with self.lock, mf.writer_lock(folder):
             existing = mf.read_manifest(folder)
             if existing is not None and not rebuild:
-                mf.check_settings(existing, self.settings(), folder)
+                mf.check_settings(existing, self.settings(), folder, self.AT_LEAST_SETTINGS)
                 self._check_corpus(existing, documents)
                 return
             docs, checksum = mf.materialize(documents)

@@ -1,9 +1,12 @@
 """BM25 through pyserini/Anserini: a Lucene index of each document's ``contents`` (title + text).
 
 The index is written with Anserini's own document generator and English analyzer (Porter stemming,
-Lucene stopwords by default), storing positions, document vectors and the raw JSON, exactly like
-``python -m pyserini.index.lucene --collection JsonCollection --storePositions --storeDocvectors
---storeRaw``. Searching goes through pyserini's ``LuceneSearcher`` (``set_bm25(k1, b)``;
+Lucene stopwords by default), like ``python -m pyserini.index.lucene --collection JsonCollection
+--storePositions``. Document text lives in the pipeline's document store, so by default Lucene
+keeps no copy: its searcher loads every hit's stored fields, and a stored raw JSON made a 1,000-deep
+search about twice as slow (BENCHMARKS.md). ``store = ["positions", "docvectors", "raw"]`` keeps what
+pyserini's own tools read (RM3, ``IndexReader.doc_raw``); an index that stores more than a pipeline
+asks for still serves it. Searching goes through pyserini's ``LuceneSearcher`` (``set_bm25(k1, b)``;
 ``batch_search`` with Java threads for batches). k1 and b are search-time settings, so changing
 them never needs a rebuild; the analyzer settings are index-time and are checked against the
 manifest.
@@ -44,6 +47,8 @@ class BM25Config(IndexedConfig):
     """Index-time analyzer setting (a change needs a rebuild)."""
     threads: int = Field(2, ge=1)
     """Java threads for batch search and for building."""
+    store: list[Literal["positions", "docvectors", "raw"]] = ["positions"]
+    """Index-time: what Lucene stores besides the postings (see the module docstring)."""
 
 
 @cache
@@ -115,8 +120,10 @@ class BM25Retriever(IndexedRetriever):
             "stemmer": self.config.stemmer,
             "keep_stopwords": self.config.keep_stopwords,
             "fields": "contents = title + ' ' + text",
-            "store": ["positions", "docvectors", "raw"],
+            "store": sorted(set(self.config.store)),
         }
+
+    AT_LEAST_SETTINGS = ("store",)  # an index storing raw JSON serves a lean pipeline
 
     def library_versions(self) -> dict[str, str]:
         return {**super().library_versions(), "lucene": _java().Version.LATEST.toString()}
@@ -129,9 +136,10 @@ class BM25Retriever(IndexedRetriever):
     def _generator(self) -> Any:
         j = _java()
         args = j.Args()
-        args.storePositions = True
-        args.storeDocvectors = True
-        args.storeRaw = True
+        store = set(self.config.store)
+        args.storePositions = "positions" in store
+        args.storeDocvectors = "docvectors" in store
+        args.storeRaw = "raw" in store
         return j.Generator(args)
 
     def _writer(self, folder: Path, create: bool) -> Any:

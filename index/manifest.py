@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -126,11 +126,18 @@ def make_manifest(
     }
 
 
-def check_settings(manifest: Mapping[str, Any], settings: Mapping[str, Any], folder: Path) -> None:
-    """Raise IndexMismatchError for the first setting the index was built with differently."""
+def check_settings(
+    manifest: Mapping[str, Any], settings: Mapping[str, Any], folder: Path, at_least: Collection[str] = ()
+) -> None:
+    """Raise IndexMismatchError for the first setting the index was built with differently.
+
+    A list setting named in ``at_least`` matches when the index has every item asked for (more is fine).
+    """
     built = manifest.get("settings", {})
     for field in [*settings, *(f for f in built if f not in settings)]:  # most telling fields first
         old, new = built.get(field), settings.get(field)
+        if field in at_least and isinstance(old, list) and isinstance(new, list) and set(new) <= set(old):
+            continue
         if old != new:
             raise IndexMismatchError(
                 f"the {settings.get('kind', 'index')} index at {folder} was built with {field} = {old!r}, "

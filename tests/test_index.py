@@ -188,6 +188,31 @@ def test_bm25_params_are_search_time(ctx: PipelineContext, docs: list[Document])
     assert default.doc_id == tuned.doc_id and default.score != pytest.approx(tuned.score)
 
 
+def test_bm25_stores_what_it_is_asked_to_and_more_is_compatible(
+    tmp_path: Path, docs: list[Document], minilm: Any
+) -> None:
+    """By default Lucene keeps no raw JSON (the store has the text); an index keeping it still serves."""
+    from pyserini.index.lucene import LuceneIndexReader
+
+    ctx = context_for(tmp_path / "idx", minilm)
+    ctx.store.upsert(docs[:40])
+    lean = bm25(ctx)
+    lean.build(ctx.store)
+    reader = LuceneIndexReader(str(lean.folder))
+    assert reader.doc_raw(docs[0].id) is None
+    with pytest.raises(IndexMismatchError, match="store"):
+        search(bm25(ctx, store=["positions", "raw"]), docs[0].title)
+    lean.close()
+
+    full = bm25(ctx, store=["raw", "positions", "docvectors"])
+    full.build(ctx.store, rebuild=True)
+    assert json.loads(LuceneIndexReader(str(full.folder)).doc_raw(docs[0].id))["id"] == docs[0].id
+    ranked = search(bm25(ctx), docs[0].title)[0]  # the lean default over the fuller index
+    assert ranked.candidates[0].doc_id == docs[0].id
+    full.close()
+    ctx.close()
+
+
 def test_bm25_supplied_pool_gets_exact_index_scores(ctx: PipelineContext, docs: list[Document]) -> None:
     stage = bm25(ctx, k=N_DOCS)
     query = docs[12].title

@@ -1,11 +1,15 @@
 """Retrieval throughput: index build time and queries/s, one at a time and batched, per pipeline.
 
 Every index is built from scratch in a temporary folder, so build time is measured every run.
+Single queries are timed at depth ``k`` and at depth ``DEEP`` (what a fusion stage asks its
+retrievers for). ``bm25-stored`` is BM25 with pyserini's full storage (raw JSON and document
+vectors) beside the lean default, to show what loading stored fields costs a search.
 ``quick`` uses the first 500 documents and 32 queries.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -16,6 +20,10 @@ from typing import Any
 QUICK_DOCS = 500
 QUICK_QUERIES = 32
 BATCH = 32
+DEEP = 1000
+WARM_UP = 20
+VARIANTS = {"bm25-stored": ("bm25", {"store": ["positions", "docvectors", "raw"]})}
+"""Benchmark-only pipelines: a config in configs/ whose (one, flat) stage gets these options on top."""
 
 
 def run_retrieval_benchmark(
@@ -23,10 +31,10 @@ def run_retrieval_benchmark(
     quick: bool,
     *,
     dataset: str = "scifact",
-    pipelines: Sequence[str] = ("bm25", "dense"),
+    pipelines: Sequence[str] = ("bm25", "bm25-stored", "dense"),
     k: int = 10,
 ) -> dict[str, Any]:
-    """Per pipeline: documents, index seconds, single and batched queries/s at depth ``k``."""
+    """Per pipeline: documents, index seconds, single and batched queries/s at depth ``k``, single at ``DEEP``."""
     from streamrank.config import load_pipeline
     from streamrank.eval.datasets import load_dataset
 
@@ -41,16 +49,22 @@ def run_retrieval_benchmark(
     }
     for name in pipelines:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-            pipe = load_pipeline(name, corpus=dataset, index_dir=Path(tmp))
+            config = _variant_config(name, Path(tmp)) if name in VARIANTS else name
+            pipe = load_pipeline(config, corpus=dataset, index_dir=Path(tmp) / "index")
             try:
                 started = time.perf_counter()
                 pipe.index(documents)
                 index_s = time.perf_counter() - started
-                pipe.search(queries[0], k=k)  # warm-up: model load, JVM start
+                for text in queries[:WARM_UP]:  # model load, JVM start and JIT: the first pipeline pays them
+                    pipe.search(text, k=DEEP)
                 started = time.perf_counter()
                 for text in queries:
                     pipe.search(text, k=k)
                 single_s = time.perf_counter() - started
+                started = time.perf_counter()
+                for text in queries:
+                    pipe.search(text, k=DEEP)
+                deep_s = time.perf_counter() - started
                 started = time.perf_counter()
                 for i in range(0, len(queries), BATCH):
                     pipe.search_batch(queries[i : i + BATCH], k=k)
@@ -61,6 +75,20 @@ def run_retrieval_benchmark(
             "index_seconds": round(index_s, 3),
             "single_qps": round(len(queries) / single_s, 1),
             "batched_qps": round(len(queries) / batched_s, 1),
+            f"single_qps_k{DEEP}": round(len(queries) / deep_s, 1),
             "batch_size": BATCH,
         }
     return results
+
+
+def _variant_config(name: str, folder: Path) -> Path:
+    """Write the ``VARIANTS`` pipeline ``name`` as a TOML file in ``folder`` (values as JSON literals)."""
+    from streamrank.config import read_config
+
+    base, options = VARIANTS[name]
+    (stage,) = read_config(base)[0].stages
+    lines = [f"name = {json.dumps(name)}", "[[stages]]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in {**stage, **options}.items()]
+    path = folder / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
