@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -101,7 +102,7 @@ def tune_stage(
     output: Path | None = None,
 ) -> dict[str, Any]:
     """Score every grid point of ``stage`` (default: the last) on ``dataset``/``split``; see the module doc."""
-    from streamrank.config import build_stage, load_pipeline, read_config
+    from streamrank.config import build_stage, load_pipeline, read_config, validate_stage
     from streamrank.eval.datasets import load_dataset, refuse_test_split
     from streamrank.eval.metrics import per_query_metrics
     from streamrank.eval.runner import rank_run
@@ -115,9 +116,14 @@ def tune_stage(
     queries = data.queries(split)[: limit if limit else None]
     if not queries:
         raise StreamRankError(f"dataset {data.name!r} has no judged queries in split {split!r}")
-    qrels = {q.id: data.qrels(split)[q.id] for q in queries}
+    judged = data.qrels(split)
+    qrels = {q.id: judged[q.id] for q in queries}
     excluded = data.excluded_ids(split)
     config, source = read_config(pipeline)
+
+    def where(point: Mapping[str, Any]) -> str:
+        return f"{source}: stages[{position}] with {json.dumps(point)}"
+
     pipe = load_pipeline(pipeline, corpus=str(dataset))
     try:
         names = [s.name for s in pipe.stages]
@@ -125,6 +131,10 @@ def tune_stage(
         if position < 0:
             raise ConfigError(f"{source}: no top-level stage named {stage!r} (stages: {', '.join(names)})")
         target = names[position]
+        options = dict(config.stages[position])
+        points = [{}, *grid_points(grid)]
+        for point in points:  # a typo in the last value fails now, not after the other points ran
+            validate_stage({**options, **point}, where(point))
         pipe.index()
         prefix = Pipeline(f"{pipe.name}-before-{target}", pipe.stages[:position], pipe.context)
         pools = prefix.run_batched([Ranking(query=q) for q in queries], batch_size, desc="stages before")
@@ -137,20 +147,18 @@ def tune_stage(
             return np.array([per_query[q.id][name] for q in queries])
 
         incoming = score(pools, [], "incoming") if position > 0 else None
-        options = dict(config.stages[position])
         rows: list[dict[str, Any]] = []
         per_point: list[np.ndarray] = []
-        for point in [{}, *grid_points(grid)]:
-            built = build_stage({**options, **point}, pipe.context, f"{source}: stages[{position}] + {point}")
+        for point in points:
+            built = build_stage({**options, **point}, pipe.context, where(point))
             try:
                 values = score(pools, [built, *suffix], f"{target} {point}")
             finally:
                 built.close()
             rows.append({"options": point, name: float(values.mean())})
             per_point.append(values)
-            print(
-                f"{name} {values.mean():.4f}  {json.dumps(point) if point else '(as configured)'}", flush=True
-            )
+            label = json.dumps(point) if point else "(as configured)"
+            print(f"{name} {values.mean():.4f}  {label}", file=sys.stderr, flush=True)
     finally:
         pipe.close()
 

@@ -85,16 +85,21 @@ def read_config(path: str | Path) -> tuple[PipelineConfig, Path]:
     return config, source
 
 
-def build_stage(options: dict[str, Any], context: PipelineContext, where: str) -> BaseStage:
-    """Instantiate one stage from its TOML table, with errors that say which table was wrong."""
+def validate_stage(options: dict[str, Any], where: str) -> tuple[type[BaseStage], Any]:
+    """The stage class and its validated config for one TOML table (nothing is built or loaded)."""
     kind = options.get("kind")
     if not isinstance(kind, str):
         raise ConfigError(f"{where}: every stage needs a `kind` (a string)")
     cls = stage_class(kind, where)
     try:
-        config = cls.Config.model_validate(options)
+        return cls, cls.Config.model_validate(options)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, f"{where} ({kind})")) from None
+
+
+def build_stage(options: dict[str, Any], context: PipelineContext, where: str) -> BaseStage:
+    """Instantiate one stage from its TOML table, with errors that say which table was wrong."""
+    cls, config = validate_stage(options, where)
     return cls(config, context)
 
 
