@@ -14,7 +14,7 @@ from streamrank.cli import main
 from streamrank.errors import ConfigError, StreamRankError
 from streamrank.eval.tune import cross_validated_gain, grid_points, parse_grid, tune_stage
 from streamrank.stage import BaseStage, StageConfig
-from streamrank.types import Candidate, Ranking
+from streamrank.types import Ranking
 
 
 def test_grid_values_are_toml_literals_or_strings() -> None:
@@ -51,23 +51,6 @@ def test_tuning_on_the_test_split_is_refused() -> None:
 
 
 # ---- a grid search end to end with test stages (control flow) -------------------------------------
-class Overlap(BaseStage):
-    """Test retriever: every stored document, scored by words shared with the query."""
-
-    is_retriever = True
-
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
-        docs = list(self.context.store)
-        out = []
-        for r in rankings:
-            words = set(r.query.text.split())
-            pool = [Candidate(d.id, 0.0) for d in docs]
-            out.append(
-                r.rescored(self.name, [len(words & set(d.text.split())) for d in docs], candidates=pool)
-            )
-        return out
-
-
 class KeyMixConfig(StageConfig):
     weight: float = 0.0
 
@@ -92,7 +75,7 @@ class KeyMix(BaseStage):
 def test_tune_finds_the_better_setting_and_reports_it(
     tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(registry.STAGE_KINDS, "overlap", f"{__name__}:Overlap")
+    monkeypatch.setitem(registry.STAGE_KINDS, "overlap", "fake_stages:Overlap")
     monkeypatch.setitem(registry.STAGE_KINDS, "keymix", f"{__name__}:KeyMix")
     config = tmp_path / "p.toml"
     config.write_text(

@@ -89,22 +89,6 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # ---- end to end on a tiny BEIR-layout dataset -----------------------------------------------------
-class Overlap(BaseStage):
-    """Test retriever: every stored document, scored by words shared with the query."""
-
-    is_retriever = True
-
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
-        docs = list(self.context.store)
-        out = []
-        for r in rankings:
-            words = set(r.query.text.split())
-            scores = [len(words & set(d.text.split())) + 0.01 * (i % 3) for i, d in enumerate(docs)]
-            pool = [Candidate(d.id, 0.0) for d in docs]
-            out.append(r.rescored(self.name, scores, candidates=pool, keep=self.config.k))
-        return out
-
-
 class KeyPrior(BaseStage):
     """Test stage: a second generator score, 1 for the (relevant) documents tagged "key"."""
 
@@ -116,7 +100,7 @@ class KeyPrior(BaseStage):
 
 
 def test_train_ranker_end_to_end(tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(registry.STAGE_KINDS, "overlap", f"{__name__}:Overlap")
+    monkeypatch.setitem(registry.STAGE_KINDS, "overlap", "fake_stages:Overlap")
     monkeypatch.setitem(registry.STAGE_KINDS, "prior", f"{__name__}:KeyPrior")
     data = tiny_dataset
     model_path = tmp_path / "models" / "ranker.txt"
