@@ -159,10 +159,9 @@ def rank_run(
     latencies: list[float] = []
     stage_ms: dict[str, list[float]] = {}
     calls = {"count": 0, "prompt_tokens": 0, "output_tokens": 0}
-    # On a terminal, a live bar; written to a log (long LLM runs), a line every 30 s instead of nothing.
-    tty = sys.stderr.isatty()
-    progress = {"disable": None} if tty else {"disable": len(rankings) < 50, "mininterval": 30.0}
-    with tqdm(total=len(rankings), unit="q", desc=f"eval {pipe.name}", **progress) as bar:
+    from streamrank.pipeline import progress_options
+
+    with tqdm(total=len(rankings), unit="q", desc=f"eval {pipe.name}", **progress_options(len(rankings))) as bar:
         for start in range(0, len(rankings), batch_size):
             batch = list(rankings[start : start + batch_size])
             began = time.perf_counter()

