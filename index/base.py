@@ -1,15 +1,19 @@
-"""What BM25 and dense retrieval share: index folder, manifest checks, build/add/delete, batch dispatch.
+"""What stages with an index share: the index lifecycle, and for retrievers the batch dispatch.
 
-A subclass says how to write its index into a folder, open it, search it, score a supplied pool
-and apply additions and deletions; this base does everything around that once:
+:class:`IndexedStage` (BM25, dense, the PPR corpus graph) keeps an index under
+``<index_dir>/<index>``. A subclass says how to write its index into a folder, open it and apply
+additions and deletions; this base does everything around that once:
 
 - ``build``: reuse a matching index (no re-encoding), refuse a mismatching one, else build into a
   staging folder that replaces the old index only when complete;
 - opening at search time: IndexMissingError / IndexMismatchError with the fix in the message, and
   a reopen whenever the manifest on disk changes (another process rebuilt or updated the index);
-- ``run``: rankings without candidates are searched, rankings with candidates have exactly that
-  pool rescored; both halves of a mixed batch are handled in one call each;
-- ``add``/``delete``: under the folder's lock, then the manifest's doc count and checksum updated.
+- ``add``/``delete``: under the folder's lock, then the manifest's doc count and checksum updated;
+- ``indexed_ids`` and ``close``.
+
+:class:`IndexedRetriever` (BM25, dense) adds retrieval: a subclass says how to search its index
+and score a supplied pool; ``run`` searches rankings without candidates and rescores exactly the
+pool of rankings with candidates, both halves of a mixed batch in one call each.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import Field
 from streamrank.errors import IndexMismatchError
 from streamrank.index import manifest as mf
 from streamrank.stage import BaseStage, StageConfig
+from streamrank.store import DocumentStore
 from streamrank.types import Candidate, Document, Ranking
 
 
@@ -34,10 +39,10 @@ class IndexedConfig(StageConfig):
     k: int = Field(100, ge=1)
 
 
-class IndexedRetriever(BaseStage):
-    """Base for retrievers that keep an index under ``<index_dir>/<index>``."""
+class IndexedStage(BaseStage):
+    """Base for stages that keep an index under ``<index_dir>/<index>``: its folder, manifest and
+    lifecycle (build, open, add, delete, close)."""
 
-    is_retriever: ClassVar[bool] = True
     libraries: ClassVar[tuple[str, ...]] = ()
     """Distributions whose versions go into the manifest."""
     AT_LEAST_SETTINGS: ClassVar[tuple[str, ...]] = ()
@@ -83,18 +88,6 @@ class IndexedRetriever(BaseStage):
 
     def _live_ids(self) -> list[str]:
         """Ids of the documents the open index holds."""
-        raise NotImplementedError
-
-    def _prepare(self, rankings: Sequence[Ranking]) -> Any:
-        """Work shared by both halves of a batch (dense: encode every query once)."""
-        return None
-
-    def _search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
-        """Best ``k`` (doc id, score) per query from the index, best first."""
-        raise NotImplementedError
-
-    def _score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
-        """One score per supplied candidate, per ranking (may add notes to the rankings)."""
         raise NotImplementedError
 
     # ---- folder and manifest ------------------------------------------------------------------
@@ -149,7 +142,7 @@ class IndexedRetriever(BaseStage):
     def library_versions(self) -> dict[str, str]:
         return mf.library_versions(*self.libraries)
 
-    # ---- Stage API ----------------------------------------------------------------------------
+    # ---- lifecycle ----------------------------------------------------------------------------
     def build(self, documents: Iterable[Document], *, rebuild: bool = False) -> None:
         """Build the index over ``documents``; a matching existing index is kept as is (no encoding).
 
@@ -180,8 +173,6 @@ class IndexedRetriever(BaseStage):
 
     def _check_corpus(self, manifest: dict[str, Any], documents: Iterable[Document]) -> None:
         """Raise IndexMismatchError unless the index described by ``manifest`` holds ``documents``."""
-        from streamrank.index.store import DocumentStore
-
         if isinstance(documents, DocumentStore):
             checksum, count = documents.checksum(), len(documents)
         else:
@@ -201,36 +192,6 @@ class IndexedRetriever(BaseStage):
             self._save_manifest(dict(self._manifest["info"]), checksum)  # type: ignore[index]
             return
         mf.check_corpus(manifest, checksum, count, self.folder)
-
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
-        """Search the index for empty rankings; rescore exactly the supplied pool of the others."""
-        return self._run(rankings, self.config.k)
-
-    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
-        """Search only ``k`` deep when nothing after this stage needs more (a request's top ``k``)."""
-        return self._run(rankings, max(1, min(k, self.config.k)))
-
-    def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
-        out = list(rankings)
-        empty = [i for i, r in enumerate(rankings) if not r.candidates]
-        pooled = [i for i, r in enumerate(rankings) if r.candidates]
-        if empty:
-            self._ensure_open()  # a missing index fails before any model work
-        prepared = self._prepare(rankings)
-        if empty:
-            with self.lock:
-                self._ensure_open()
-                hits = self._search([rankings[i] for i in empty], _select(prepared, empty), depth)
-            for i, found in zip(empty, hits, strict=True):
-                fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(found, start=1)]
-                out[i] = rankings[i].rescored(
-                    self.name, [s for _, s in found], keep=depth, candidates=fresh
-                )
-        if pooled:
-            scores = self._score_pool([rankings[i] for i in pooled], _select(prepared, pooled))
-            for i, pool_scores in zip(pooled, scores, strict=True):
-                out[i] = rankings[i].rescored(self.name, pool_scores, keep=self.config.k)
-        return out
 
     def add(self, documents: Sequence[Document]) -> None:
         """Add or replace ``documents`` without a rebuild (the store should already hold them)."""
@@ -288,6 +249,54 @@ class IndexedRetriever(BaseStage):
         with self.lock:
             self._release()
             self._stamp = self._manifest = None
+
+
+class IndexedRetriever(IndexedStage):
+    """Base for retrievers with an index: searches it for empty rankings, rescores supplied pools."""
+
+    # ---- what subclasses provide --------------------------------------------------------------
+    def _prepare(self, rankings: Sequence[Ranking]) -> Any:
+        """Work shared by both halves of a batch (dense: encode every query once)."""
+        return None
+
+    def _search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
+        """Best ``k`` (doc id, score) per query from the index, best first."""
+        raise NotImplementedError
+
+    def _score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
+        """One score per supplied candidate, per ranking (may add notes to the rankings)."""
+        raise NotImplementedError
+
+    # ---- retrieval ----------------------------------------------------------------------------
+    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        """Search the index for empty rankings; rescore exactly the supplied pool of the others."""
+        return self._run(rankings, self.config.k)
+
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        """Search only ``k`` deep when nothing after this stage needs more (a request's top ``k``)."""
+        return self._run(rankings, max(1, min(k, self.config.k)))
+
+    def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
+        out = list(rankings)
+        empty = [i for i, r in enumerate(rankings) if not r.candidates]
+        pooled = [i for i, r in enumerate(rankings) if r.candidates]
+        if empty:
+            self._ensure_open()  # a missing index fails before any model work
+        prepared = self._prepare(rankings)
+        if empty:
+            with self.lock:
+                self._ensure_open()
+                hits = self._search([rankings[i] for i in empty], _select(prepared, empty), depth)
+            for i, found in zip(empty, hits, strict=True):
+                fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(found, start=1)]
+                out[i] = rankings[i].rescored(
+                    self.name, [s for _, s in found], keep=depth, candidates=fresh
+                )
+        if pooled:
+            scores = self._score_pool([rankings[i] for i in pooled], _select(prepared, pooled))
+            for i, pool_scores in zip(pooled, scores, strict=True):
+                out[i] = rankings[i].rescored(self.name, pool_scores, keep=self.config.k)
+        return out
 
 
 def _select(prepared: Any, positions: list[int]) -> Any:

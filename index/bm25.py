@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 from pydantic import Field
 
+from streamrank.index import lucene
 from streamrank.index.base import IndexedConfig, IndexedRetriever
 from streamrank.types import Document, Ranking
 
@@ -49,55 +48,6 @@ class BM25Config(IndexedConfig):
     """Java threads for batch search and for building."""
     store: list[Literal["positions", "docvectors", "raw"]] = ["positions"]
     """Index-time: what Lucene stores besides the postings (see the module docstring)."""
-
-
-@cache
-def _java() -> SimpleNamespace:
-    """The Java classes this module uses (starts the JVM on first call)."""
-    from streamrank.index.jvm import ensure_jvm
-
-    ensure_jvm()
-    from jnius import autoclass
-
-    names = {
-        "Args": "io.anserini.index.IndexCollection$Args",
-        "Generator": "io.anserini.index.generator.DefaultLuceneDocumentGenerator",
-        "EnglishAnalyzer": "io.anserini.analysis.DefaultEnglishAnalyzer",
-        "JsonDocument": "io.anserini.collection.JsonCollection$Document",
-        "BagOfWords": "io.anserini.search.query.BagOfWordsQueryGenerator",
-        "IndexWriter": "org.apache.lucene.index.IndexWriter",
-        "IndexWriterConfig": "org.apache.lucene.index.IndexWriterConfig",
-        "OpenMode": "org.apache.lucene.index.IndexWriterConfig$OpenMode",
-        "FSDirectory": "org.apache.lucene.store.FSDirectory",
-        "Paths": "java.nio.file.Paths",
-        "Term": "org.apache.lucene.index.Term",
-        "ArrayList": "java.util.ArrayList",
-        "TermInSetQuery": "org.apache.lucene.search.TermInSetQuery",
-        "BooleanBuilder": "org.apache.lucene.search.BooleanQuery$Builder",
-        "Occur": "org.apache.lucene.search.BooleanClause$Occur",
-        "MatchAll": "org.apache.lucene.search.MatchAllDocsQuery",
-        "Version": "org.apache.lucene.util.Version",
-        "LuceneDocument": "org.apache.lucene.document.Document",
-        "StringField": "org.apache.lucene.document.StringField",
-        "BinaryDocValuesField": "org.apache.lucene.document.BinaryDocValuesField",
-        "Store": "org.apache.lucene.document.Field$Store",
-        "BytesRef": "org.apache.lucene.util.BytesRef",
-    }
-    return SimpleNamespace(**{key: autoclass(name) for key, name in names.items()})
-
-
-def _id_only_document(doc_id: str) -> Any:
-    """A Lucene document with an id and no terms, for documents whose text is empty.
-
-    Anserini's generator refuses empty documents (Cranfield has two); indexing the id alone keeps
-    the index in step with the store (so recovery does not re-add them forever) while they match
-    no query, as an empty document should.
-    """
-    j = _java()
-    lucene_doc = j.LuceneDocument()
-    lucene_doc.add(j.StringField("id", doc_id, j.Store.YES))
-    lucene_doc.add(j.BinaryDocValuesField("id", j.BytesRef(doc_id.encode())))
-    return lucene_doc
 
 
 class BM25Retriever(IndexedRetriever):
@@ -125,15 +75,15 @@ class BM25Retriever(IndexedRetriever):
         }
 
     def library_versions(self) -> dict[str, str]:
-        return {**super().library_versions(), "lucene": _java().Version.LATEST.toString()}
+        return {**super().library_versions(), "lucene": lucene.java().Version.LATEST.toString()}
 
     # ---- Lucene plumbing ----------------------------------------------------------------------
     def _analyzer(self) -> Any:
         """The index-time analyzer, also used for queries so both sides tokenize alike."""
-        return _java().EnglishAnalyzer.fromArguments(self.config.stemmer, self.config.keep_stopwords, None)
+        return lucene.java().EnglishAnalyzer.fromArguments(self.config.stemmer, self.config.keep_stopwords, None)
 
     def _generator(self) -> Any:
-        j = _java()
+        j = lucene.java()
         args = j.Args()
         store = set(self.config.store)
         args.storePositions = "positions" in store
@@ -141,34 +91,22 @@ class BM25Retriever(IndexedRetriever):
         args.storeRaw = "raw" in store
         return j.Generator(args)
 
-    def _writer(self, folder: Path, create: bool) -> Any:
-        j = _java()
-        config = j.IndexWriterConfig(self._analyzer())
-        config.setOpenMode(j.OpenMode.CREATE if create else j.OpenMode.APPEND)
-        config.setRAMBufferSizeMB(256.0)
-        return j.IndexWriter(j.FSDirectory.open(j.Paths.get(str(folder))), config)
-
     def _write_documents(self, writer: Any, documents: Sequence[Document], replace: bool) -> None:
-        j = _java()
+        j = lucene.java()
         generator = self._generator()
         for doc in documents:
             if doc.contents.strip():
                 lucene_doc = generator.createDocument(j.JsonDocument.fromFields(doc.id, doc.contents))
             else:
-                lucene_doc = _id_only_document(doc.id)
-            if replace:
-                writer.updateDocument(j.Term("id", doc.id), lucene_doc)
-            else:
-                writer.addDocument(lucene_doc)
+                # Anserini's generator refuses empty documents (Cranfield has two): the id alone keeps the
+                # index in step with the store (recovery does not re-add them forever), matching no query
+                lucene_doc = lucene.id_document(doc.id)
+            lucene.put_document(writer, doc.id, lucene_doc, replace)
 
     def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
-        writer = self._writer(folder, create=True)
-        try:
-            self._write_documents(writer, documents, replace=False)
-            writer.forceMerge(1)
-            writer.commit()
-        finally:
-            writer.close()
+        lucene.write_with(
+            folder, self._analyzer(), True, lambda w: self._write_documents(w, documents, replace=False), merge=True
+        )
         return {"doc_count": len(documents)}
 
     def _open(self, folder: Path, manifest: dict[str, Any]) -> None:
@@ -191,12 +129,7 @@ class BM25Retriever(IndexedRetriever):
         """Run ``apply(writer)`` on an append-mode writer, commit, and reopen the searcher."""
         folder = self.folder
         self._release()  # readers may stay open, but reopen below so searches see the commit
-        writer = self._writer(folder, create=False)
-        try:
-            apply(writer)
-            writer.commit()
-        finally:
-            writer.close()
+        lucene.write_with(folder, self._analyzer(), False, apply)
         self._open(folder, self._manifest or {})
         return {"doc_count": int(self._searcher.num_docs)}
 
@@ -207,7 +140,7 @@ class BM25Retriever(IndexedRetriever):
         return self._update(lambda writer: writer.deleteDocuments(self._id_filter(doc_ids)))
 
     def _live_ids(self) -> list[str]:
-        hits = self._searcher.object.search(_java().MatchAll(), max(1, int(self._searcher.num_docs)))
+        hits = self._searcher.object.search(lucene.java().MatchAll(), max(1, int(self._searcher.num_docs)))
         return [hit.docid for hit in hits]
 
     # ---- searching ----------------------------------------------------------------------------
@@ -260,11 +193,7 @@ class BM25Retriever(IndexedRetriever):
         return indexed & in_lucene
 
     def _id_filter(self, doc_ids: Sequence[str]) -> Any:
-        j = _java()
-        terms = j.ArrayList()
-        for doc_id in doc_ids:
-            terms.add(j.Term("id", doc_id).bytes())
-        return j.TermInSetQuery("id", terms)
+        return lucene.id_filter(doc_ids)
 
     def _present(self, doc_ids: Sequence[str]) -> set[str]:
         """Which of ``doc_ids`` the Lucene index holds."""
@@ -276,7 +205,7 @@ class BM25Retriever(IndexedRetriever):
     def _pool_scores(self, query: str, doc_ids: Sequence[str]) -> dict[str, float]:
         """BM25 score of each of ``doc_ids`` for ``query``: the query restricted to those ids by a filter
         clause (which does not change scores). Documents matching no query term are absent (score 0)."""
-        j = _java()
+        j = lucene.java()
         if self._query_analyzer is None:
             self._query_analyzer = self._analyzer()
         text_query = j.BagOfWords().buildQuery("contents", self._query_analyzer, query)

@@ -19,13 +19,17 @@ replaced atomically and the manifest last; row counts are checked on open, so an
 is reported instead of searched. Additions encode only the new documents and append rows; a
 replaced or deleted document's row is masked (searches go deeper to still return ``k``), and the
 FAISS index is rebuilt from the stored embeddings (no encoding) once a quarter of its rows are masked.
+
+Texts get the model's own sentence-transformers prompts (EmbeddingGemma's ``task: search result |
+query: `` and ``title: none | text: ``) unless a prefix is configured. A build saves its encoding
+progress beside the index folder every minute and a rerun resumes from it (hours for a 300M encoder
+on a CPU); ``dtype = "bfloat16"`` runs the encoder in bfloat16.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 COMPACT_FRACTION = 0.25
 """Rebuild the FAISS index from stored embeddings once this share of its rows is masked."""
+REUSE_KEYS = ("kind", "model", "normalized", "document_prefix", "document_prompt", "dtype")
+"""Settings under which a sibling dense index's stored embeddings are this index's embeddings."""
 SHOW_PROGRESS_FROM = 1000
 """Show a progress bar when encoding at least this many documents."""
 
@@ -67,9 +73,16 @@ class DenseConfig(IndexedConfig):
     """Search-time IVF cells visited."""
     batch_size: int = Field(64, ge=1)
     query_prefix: str = ""
-    """Text put before every query (models such as E5 expect "query: ")."""
+    """Text put before every query (models such as E5 expect "query: "); when empty, the model's own
+    ``query`` prompt (sentence-transformers prompts, e.g. EmbeddingGemma's) if it defines one."""
     document_prefix: str = ""
-    """Text put before every document (index-time: a change needs a rebuild)."""
+    """Text put before every document (index-time: a change needs a rebuild); when empty, the model's own
+    ``document`` prompt if it defines one."""
+    use_model_prompts: bool = True
+    """Use the model's query/document prompts where no prefix is given (False: plain text)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Encoder weights dtype; bfloat16 is several times faster on CPUs with AVX-512 BF16 / AMX and on GPUs,
+    with vectors a little different (index-time: a change needs a rebuild)."""
     use_gpu: bool = True
     """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
     history_weight: float = Field(0.0, ge=0, le=1)
@@ -117,38 +130,57 @@ class DenseRetriever(IndexedRetriever):
         self._emb: np.ndarray | None = None
         self._built_as = config.index_type
         if context is not None:  # let other stages of the pipeline (E2Rank) find the stored vectors
-            context.shared(("dense-embeddings", config.model), lambda: self)
+            context.register_dense(config.model, self)
 
     # ---- encoding -----------------------------------------------------------------------------
     @property
     def encoder(self) -> Any:
         if self.config.lowrank is None:
-            return self.context.sentence_encoder(self.config.model)
-        key = ("sentence-encoder", self.config.model, json.dumps(self.config.lowrank, sort_keys=True))
+            return self.context.sentence_encoder(self.config.model, self.config.dtype)
+        key = ("sentence-encoder", self.config.model, self.config.dtype, json.dumps(self.config.lowrank, sort_keys=True))
         return self.context.shared(key, self._lowrank_encoder)
+
+    def prompt(self, role: Literal["query", "document"]) -> str:
+        """Text put before every query or document: the configured prefix, else the model's own prompt."""
+        from streamrank.models import model_prompts
+
+        prefix = self.config.query_prefix if role == "query" else self.config.document_prefix
+        if prefix or not self.config.use_model_prompts:
+            return prefix
+        return model_prompts(self.config.model).get(role, "")
 
     def _lowrank_encoder(self) -> Any:
         """A private copy of the encoder, SVD-compressed (the shared uncompressed one stays as it is)."""
         from streamrank.kernels.lowrank import LowRankSettings
         from streamrank.models import load_sentence_encoder
 
-        encoder = load_sentence_encoder(self.config.model, self.context.device)
+        encoder = load_sentence_encoder(self.config.model, self.context.device, self.config.dtype)
         LowRankSettings.from_dict(self.config.lowrank or {}).apply(encoder)
         return encoder
 
-    def _encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+    def _encode(
+        self, texts: Sequence[str], role: Literal["query", "document"], checkpoint: Path | None = None
+    ) -> np.ndarray:
         from streamrank.models import encode_sentences
 
-        return encode_sentences(self.encoder, texts, self.config.batch_size, progress)
+        progress = len(texts) >= SHOW_PROGRESS_FROM
+        return encode_sentences(
+            self.encoder, texts, self.config.batch_size, progress, prompt=self.prompt(role), checkpoint=checkpoint
+        )
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 query embeddings, shape (len(texts), dim)."""
-        return self._encode([self.config.query_prefix + t for t in texts])
+        return self._encode(texts, "query")
 
-    def encode_documents(self, documents: Sequence[Document]) -> np.ndarray:
-        """Normalised float32 embeddings of the documents' ``contents``, as the index stores them."""
-        texts = [self.config.document_prefix + d.contents for d in documents]
-        return self._encode(texts, progress=len(texts) >= SHOW_PROGRESS_FROM)
+    def encode_documents(self, documents: Sequence[Document], checkpoint: Path | None = None) -> np.ndarray:
+        """Normalised float32 embeddings of the documents' ``contents``, as the index stores them.
+
+        ``checkpoint``: a folder where a long encoding saves its progress and resumes after a crash."""
+        return self._encode([d.contents for d in documents], "document", checkpoint)
+
+    def checkpoint_folder(self) -> Path:
+        """Where a build's encoding progress is kept until the index is written (beside the index folder)."""
+        return self.folder.with_name(f".{self.folder.name}.encoding")
 
     def embeddings_for(self, doc_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of ``doc_ids`` (rows in the given order).
@@ -183,6 +215,11 @@ class DenseRetriever(IndexedRetriever):
             "document_prefix": cfg.document_prefix,
             "index_type": cfg.index_type,
         }
+        document_prompt = self.prompt("document")
+        if document_prompt != cfg.document_prefix:  # the model's own prompt (absent for models without one)
+            settings["document_prompt"] = document_prompt
+        if cfg.dtype != "float32":
+            settings["dtype"] = cfg.dtype
         if cfg.lowrank is not None:
             settings["lowrank"] = cfg.lowrank
         if cfg.index_type == "hnsw":
@@ -196,59 +233,15 @@ class DenseRetriever(IndexedRetriever):
         return int(self._emb.shape[1])
 
     def _new_index(self, embeddings: np.ndarray) -> tuple[Any, dict[str, Any]]:
-        """A FAISS index of ``self.config.index_type`` holding ``embeddings``, plus facts for the manifest."""
-        import faiss
+        from streamrank.index.faiss_index import new_faiss_index
 
-        cfg = self.config
-        n, dim = embeddings.shape
-        info: dict[str, Any] = {"built_as": cfg.index_type}
-        if cfg.index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = cfg.ef_construction
-        elif cfg.index_type == "ivfpq" and n >= 2**cfg.pq_bits:
-            if dim % cfg.pq_m:
-                from streamrank.errors import ConfigError
-
-                raise ConfigError(
-                    f"dense stage {self.name!r}: pq_m = {cfg.pq_m} must divide the dimension {dim}"
-                )
-            auto = max(1, min(int(4 * math.sqrt(n)), n // 39))
-            nlist = min(cfg.nlist or auto, n)
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
-            recommended = 39 * 2**cfg.pq_bits
-            if n < recommended:  # one line here instead of FAISS's warning per sub-quantizer
-                log.warning(
-                    "dense stage %r: IVF-PQ trained on %d vectors (FAISS suggests %d)",
-                    self.name,
-                    n,
-                    recommended,
-                )
-                index.pq.cp.min_points_per_centroid = 1
-                index.cp.min_points_per_centroid = 1
-            index.train(embeddings)
-            info["nlist"] = nlist
-        else:
-            if cfg.index_type == "ivfpq":
-                reason = (
-                    f"{n} documents are too few to train IVF-PQ ({2**cfg.pq_bits} needed for pq_bits = "
-                    f"{cfg.pq_bits}); built an exact flat index instead"
-                )
-                log.warning("dense stage %r: %s", self.name, reason)
-                info.update(built_as="flat", fallback=reason)
-            index = faiss.IndexFlatIP(dim)
-        if n:
-            index.add(embeddings)
-        return index, info
+        return new_faiss_index(embeddings, self.config, self.name)
 
     def _persist(self, folder: Path) -> None:
-        """Write embeddings, ids and the FAISS index (each atomically; the caller writes the manifest last)."""
-        import faiss
-        import numpy as np
+        """Write embeddings, ids and the FAISS index (the caller writes the manifest last)."""
+        from streamrank.index.faiss_index import write_dense_files
 
-        mf.write_atomic(folder / "embeddings.npy", lambda tmp: _save_npy(tmp, self._emb, np))
-        mf.write_json_atomic(folder / "ids.json", self._ids)
-        mf.write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(self._index, str(tmp)))
+        write_dense_files(folder, self._index, self._ids, self._emb)
 
     def _info(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         rows = len(self._ids)
@@ -269,8 +262,15 @@ class DenseRetriever(IndexedRetriever):
 
     def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
         started = time.perf_counter()
-        reused = self._reusable_embeddings(documents)
-        source, emb = reused if reused is not None else (None, self.encode_documents(documents))
+        from streamrank.index.faiss_index import sibling_embeddings
+
+        settings = self.settings()
+        wanted = {k: settings.get(k) for k in REUSE_KEYS}
+        reused = sibling_embeddings(self.folder, wanted, self._build_checksum, [d.id for d in documents])
+        if reused is not None:
+            source, emb = reused
+        else:
+            source, emb = None, self.encode_documents(documents, checkpoint=self.checkpoint_folder())
         encode_s = time.perf_counter() - started
         index, info = self._new_index(emb)
         self._set_state(index, [d.id for d in documents], emb, info["built_as"])
@@ -282,45 +282,10 @@ class DenseRetriever(IndexedRetriever):
         self._release()  # the base opens the moved folder on next use
         return info
 
-    def _reusable_embeddings(self, documents: list[Document]) -> tuple[str, np.ndarray] | None:
-        """Embeddings of exactly ``documents`` stored by a sibling dense index (another index_type of the
-        same model, prefix and corpus), so switching index type never re-encodes the corpus."""
-        import numpy as np
-
-        wanted = {k: self.settings()[k] for k in ("kind", "model", "normalized", "document_prefix")}
-        ids = [d.id for d in documents]
-        for path in sorted(self.folder.parent.glob(f"*/{mf.MANIFEST_NAME}")):
-            sibling = path.parent
-            manifest = mf.read_manifest(sibling) or {}
-            settings = manifest.get("settings", {})
-            if sibling == self.folder or any(settings.get(k) != v for k, v in wanted.items()):
-                continue
-            if self._build_checksum is None or manifest.get("corpus_checksum") != self._build_checksum:
-                continue
-            try:
-                if json.loads((sibling / "ids.json").read_text()) != ids:
-                    continue
-                emb = np.load(sibling / "embeddings.npy")
-            except (OSError, ValueError):
-                continue
-            if emb.shape[0] == len(ids):
-                log.info("dense stage %r: reusing the embeddings of %s", self.name, sibling)
-                return sibling.name, np.ascontiguousarray(emb, dtype=np.float32)
-        return None
-
     def _open(self, folder: Path, manifest: dict[str, Any]) -> None:
-        import faiss
-        import numpy as np
+        from streamrank.index.faiss_index import read_dense_files
 
-        index = faiss.read_index(str(folder / "index.faiss"))
-        ids = json.loads((folder / "ids.json").read_text())
-        emb = np.load(folder / "embeddings.npy")
-        rows = manifest.get("info", {}).get("rows")
-        if not (len(ids) == emb.shape[0] == index.ntotal == (rows if rows is not None else len(ids))):
-            raise IndexMismatchError(
-                f"the dense index at {folder} is inconsistent (ids {len(ids)}, embeddings {emb.shape[0]}, "
-                f"FAISS rows {index.ntotal}, manifest {rows}): an update was interrupted; {mf.REBUILD_HINT}"
-            )
+        index, ids, emb = read_dense_files(folder, manifest)
         self._set_state(index, ids, emb, manifest.get("info", {}).get("built_as", self.config.index_type))
 
     def _release(self) -> None:
@@ -395,17 +360,14 @@ class DenseRetriever(IndexedRetriever):
 
     def _searchable(self) -> Any:
         """The index to search: a GPU copy when faiss-gpu sees a GPU (flat / IVF-PQ), else the CPU one."""
-        import faiss
+        from streamrank.index.faiss_index import gpu_copy
 
-        if self._gpu is None and self.config.use_gpu and self._built_as != "hnsw":
-            if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-                self._gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self._index)
-                if self._built_as == "ivfpq":
-                    faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.config.nprobe)
+        if self._gpu is None and self.config.use_gpu:
+            self._gpu = gpu_copy(self._index, self._built_as, self.config.nprobe)
         return self._gpu if self._gpu is not None else self._index
 
     def _search(self, rankings: Sequence[Ranking], prepared: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        import faiss
+        from streamrank.index.faiss_index import search_parameters
 
         live = len(self._row_of)
         k = min(k, live)
@@ -413,12 +375,7 @@ class DenseRetriever(IndexedRetriever):
             return [[] for _ in rankings]
         depth = min(self._index.ntotal, k + (len(self._ids) - live))  # masked rows may take places
         index = self._searchable()
-        params = None
-        if index is self._index and self._built_as == "hnsw":
-            # the configured depth sets the beam, so a shallower request sees the same neighbours
-            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, self.config.k, depth))
-        elif index is self._index and self._built_as == "ivfpq":
-            params = faiss.SearchParametersIVF(nprobe=self.config.nprobe)
+        params = search_parameters(self.config, self._built_as, depth) if index is self._index else None
         scores, rows = index.search(prepared, depth, params=params)
         results = []
         for row_scores, row_ids in zip(scores, rows, strict=True):
@@ -460,13 +417,13 @@ class DenseRetriever(IndexedRetriever):
                             vectors[c.doc_id] = self._emb[self._row_of[c.doc_id]]
                         items.append(("stored", c.doc_id))
                     elif doc is not None:
-                        text = self.config.document_prefix + doc.contents
+                        text = doc.contents
                         items.append(("text", texts.setdefault(text, len(texts))))
                     else:
                         items.append(("none", None))
                 plan.append(items)
         started = time.perf_counter()
-        encoded = self._encode(list(texts)) if texts else None
+        encoded = self._encode(list(texts), "document") if texts else None
         encode_s = time.perf_counter() - started
         results = []
         for r, qvec, items in zip(rankings, prepared, plan, strict=True):
@@ -491,8 +448,3 @@ class DenseRetriever(IndexedRetriever):
                 )
             results.append(scores)
         return results
-
-
-def _save_npy(path: Path, array: Any, np: Any) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)

@@ -1,4 +1,4 @@
-"""Fusion of several retrievers' rankings (pyserini ``fusion`` semantics).
+"""The ``fusion`` stage: several retrievers' rankings fused into one (pyserini ``fusion`` semantics).
 
     [[stages]]
     kind = "fusion"
@@ -11,33 +11,24 @@
 
 Each retriever runs on the whole batch (on the supplied pool when there is one). The fused list is
 the union of their candidates; a candidate keeps every retriever's score in ``stage_scores`` (under
-the retriever's name) and gets the fused score as this stage's score.
-
-- ``rrf``: ``sum_i w_i / (rrf_k + rank_i)``, rank 1-based in retriever i's list; a document missing
-  from a list contributes 0 (Cormack et al. 2009, as ``pyserini.fusion.reciprocal_rank_fusion``).
-- ``minmax``: ``sum_i w_i * (s - min_i) / (max_i - min_i)``; a constant list normalises to 1 and a
-  missing document contributes 0 (pyserini's ``normalize``).
-- ``zscore``: ``sum_i w_i * (s - mean_i) / std_i``; a constant list gives 0, and a missing document
-  contributes the list's lowest z-score (0 would rank it as an average hit).
-
-Weights default to 1 each. Ties are broken by ascending doc id, as pyserini's ``TrecRun.merge``.
+the retriever's name) and gets the fused score as this stage's score. The methods are the pure
+functions of :mod:`streamrank.index.scores` (``fuse``): ``rrf`` (``sum_i w_i / (rrf_k + rank_i)``),
+``minmax`` and ``zscore`` (normalised score interpolation). Weights default to 1 each. Ties are
+broken by ascending doc id, as pyserini's ``TrecRun.merge``.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from streamrank.errors import ConfigError
-from streamrank.stage import BaseStage, StageConfig
+from streamrank.index.scores import fuse
+from streamrank.stage import BaseStage, StageConfig, check_unique_names
 from streamrank.types import Candidate, Ranking
-
-Run = Sequence[tuple[str, float]]
-"""One retriever's list for one query: (doc id, score), best first."""
 
 
 class FusionConfig(StageConfig):
@@ -49,57 +40,11 @@ class FusionConfig(StageConfig):
     """Stage tables of the retrievers to fuse."""
 
 
-def fuse(
-    runs: Sequence[Run],
-    method: str = "rrf",
-    *,
-    rrf_k: int = 60,
-    weights: Sequence[float] | None = None,
-) -> dict[str, float]:
-    """Fused score per document over ``runs`` (see the module docstring for each method)."""
-    weights = list(weights) if weights is not None else [1.0] * len(runs)
-    if len(weights) != len(runs):
-        raise ValueError(f"{len(weights)} weights for {len(runs)} runs")
-    fused: dict[str, float] = {}
-    floors: list[float] = []
-    for run, weight in zip(runs, weights, strict=True):
-        contributions = _normalise(run, method, rrf_k)
-        floors.append(min(contributions.values(), default=0.0) if method == "zscore" else 0.0)
-        for doc_id, value in contributions.items():
-            fused[doc_id] = fused.get(doc_id, 0.0) + weight * value
-    if method == "zscore":  # documents missing from a run get that run's lowest z-score
-        for run, weight, floor in zip(runs, weights, floors, strict=True):
-            present = {doc_id for doc_id, _ in run}
-            for doc_id in fused:
-                if doc_id not in present:
-                    fused[doc_id] += weight * floor
-    return fused
-
-
-def _normalise(run: Run, method: str, rrf_k: int) -> dict[str, float]:
-    if method == "rrf":
-        out: dict[str, float] = {}
-        for rank, (doc_id, _) in enumerate(run, start=1):
-            out.setdefault(doc_id, 1.0 / (rrf_k + rank))
-        return out
-    scores = [s for _, s in run]
-    if not scores:
-        return {}
-    if method == "minmax":
-        low, high = min(scores), max(scores)
-        return {d: (s - low) / (high - low) if high > low else 1.0 for d, s in run}
-    if method == "zscore":
-        mean, std = statistics.fmean(scores), statistics.pstdev(scores)
-        return {d: (s - mean) / std if std > 0 else 0.0 for d, s in run}
-    raise ValueError(f"unknown fusion method {method!r}")
-
-
 class FusionStage(BaseStage):
     """Runs its retrievers on the batch and fuses their lists (``children`` = the retrievers)."""
 
     Config = FusionConfig
     config: FusionConfig
-    is_retriever: ClassVar[bool] = True
 
     def __init__(self, config: FusionConfig, context: Any) -> None:
         super().__init__(config, context)
@@ -109,16 +54,16 @@ class FusionStage(BaseStage):
                 f"{where}: {len(config.weights)} weights for {len(config.retrievers)} retrievers; "
                 "give one weight per retriever"
             )
-        self.children: list[BaseStage] = [
+        self.retrievers: list[BaseStage] = [
             context.build_stage(options, where=f"{where}: retrievers[{i}]")
             for i, options in enumerate(config.retrievers)
         ]
-        names = [child.name for child in self.children]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ConfigError(
-                f"{where}: retriever names must be unique; set `name` to tell apart {duplicates}"
-            )
+        check_unique_names(self.retrievers, where, what="retriever")
+
+    @property
+    def children(self) -> list[BaseStage]:
+        """The retrievers, in their configured order."""
+        return self.retrievers
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
         outputs: list[list[Ranking]] = []

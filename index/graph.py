@@ -27,7 +27,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,6 +140,16 @@ class CorpusGraph:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def copy(self) -> CorpusGraph:
+        """A copy an update may change while queries keep using the original."""
+        return replace(
+            self,
+            ids=list(self.ids),
+            knn=self.knn.copy(),
+            user_edges=list(self.user_edges),
+            lexical=self.lexical.copy(),
+        )
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from streamrank.errors import IndexMismatchError, IndexMissingError
 
 if TYPE_CHECKING:
-    from streamrank.index.store import DocumentStore
+    from streamrank.store import DocumentStore
     from streamrank.types import Document
 
 MANIFEST_NAME = "manifest.json"
@@ -161,7 +161,7 @@ def materialize(documents: Iterable[Document]) -> tuple[list[Document], str]:
     A DocumentStore gives its own checksum; other iterables are checksummed through a temporary
     in-memory store so the definition lives in one place (``DocumentStore.checksum``).
     """
-    from streamrank.index.store import DocumentStore
+    from streamrank.store import DocumentStore
 
     if isinstance(documents, DocumentStore):
         return list(documents), documents.checksum()

@@ -1,18 +1,9 @@
-"""Personalized PageRank over the corpus graph: two solvers and the ``ppr`` pipeline stage.
+"""The ``ppr`` pipeline stage: Personalized PageRank over the corpus graph.
 
-Solvers (pure functions over a row-stochastic scipy matrix ``P``; restart probability ``alpha``):
-
-- :func:`power_iteration`: exact, ``x <- alpha s + (1 - alpha) (x P + (x . dangling) s)``, for a
-  batch of seed vectors at once (networkx's convention: a dangling node's mass goes back to the seeds).
-- :func:`build_fingerprints` + :func:`fingerprint_ppr`: PowerWalk (Liu et al., 2016). Offline, ``walks``
-  random walks with restart from every vertex, simulated for all walkers at once; row ``v`` of the
-  sparse fingerprint matrix ``F`` holds ``alpha / walks`` times the visit counts, an unbiased estimate of
-  the PPR vector of ``v``. Online, PPR is linear in the seeds, so ``ppr(s) ~ s F``; ``refine_steps``
-  exact propagation steps first (PowerWalk's online iteration) shrink the Monte Carlo error by
-  ``(1 - alpha) ** refine_steps``. A walk at a dangling node restarts at its own source, so ``s F``
-  equals networkx's answer exactly only on graphs without dangling nodes (the symmetrised kNN graph
-  has none). Fingerprints are stored beside the graph, one file per walk setting, and on ``add`` /
-  ``delete`` only the rows whose walks touched a changed node are re-walked.
+PPR is solved by exact power iteration (``solver = "power"``) or from PowerWalk Monte Carlo
+fingerprints (``solver = "montecarlo"``), the pure functions of :mod:`streamrank.index.ppr_solvers`.
+Fingerprints are stored beside the graph, one file per walk setting, and on ``add`` / ``delete``
+only the rows whose walks touched a changed node are re-walked.
 
 The graph links each document to its ``neighbors`` nearest documents by the dense stage's embeddings
 and, with ``lexical_neighbors`` > 0, to its top BM25 hits when its own text (first
@@ -23,25 +14,32 @@ The stage seeds PPR with the incoming first-stage ranking (top ``seeds`` candida
 ``1 / (rrf_k + rank)`` or by min-max score) mixed with the query's ``user_history`` documents
 (``history_weight`` of the mass), adds the best-scoring graph neighbours to the candidate pool
 (``expand``) and fuses PPR with the incoming ranking (``fusion``, ``weight``; requests with a history
-may use their own ``history_fusion_weight``).
+may use their own ``history_fusion_weight``; :func:`streamrank.index.scores.fuse_with_ppr`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from streamrank.errors import ConfigError
-from streamrank.index.base import IndexedConfig, IndexedRetriever
+from streamrank.index.base import IndexedConfig, IndexedStage
+from streamrank.index.ppr_fingerprints import WalkSettings, load_fingerprints, save_fingerprints
+from streamrank.index.ppr_solvers import (
+    DEFAULT_ALPHA,
+    fingerprint_ppr,
+    power_iteration,
+    seed_matrix,
+    transition_matrix,
+)
+from streamrank.index.scores import fuse_with_ppr, minmax
 from streamrank.models import MINILM
 from streamrank.types import Candidate, Document, Query, Ranking
 
@@ -54,225 +52,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALPHA = 0.15
-"""Restart probability (damping 0.85), the published PageRank setting."""
-
 LEXICAL_QUERY_TERMS = 300
 """A document used as a BM25 query is cut to its first this many terms (Lucene caps boolean clauses)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Solvers
-# ---------------------------------------------------------------------------------------------
-def transition_matrix(adjacency: sp.spmatrix | sp.sparray) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Row-normalise a non-negative weighted adjacency into ``P`` (float64 CSR) and the dangling mask."""
-    import scipy.sparse as sp
-
-    adj = sp.csr_matrix(adjacency, dtype=np.float64)
-    out = np.asarray(adj.sum(axis=1)).ravel()
-    dangling = out <= 0
-    inv = np.divide(1.0, out, out=np.zeros_like(out), where=~dangling)
-    return sp.csr_matrix(sp.diags(inv) @ adj), dangling
-
-
-def power_iteration(
-    P: sp.csr_matrix,
-    seeds: np.ndarray,
-    *,
-    alpha: float = DEFAULT_ALPHA,
-    tol: float = 1e-6,
-    max_iter: int = 100,
-    dangling: np.ndarray | None = None,
-    PT: sp.csr_matrix | None = None,
-) -> np.ndarray:
-    """Exact PPR for one seed vector (shape n) or a batch (shape n x b); columns are normalised to sum 1.
-
-    Stops when every column moved less than ``tol`` in L1 norm. ``PT`` (``P.T`` as CSR) may be passed
-    to avoid transposing on every call.
-    """
-    s = np.asarray(seeds, dtype=np.float64)
-    squeeze = s.ndim == 1
-    s = s.reshape(len(s), -1)
-    total = s.sum(axis=0)
-    if np.any(total <= 0):
-        raise ValueError("every seed vector needs positive mass")
-    s = s / total
-    PT = P.T.tocsr() if PT is None else PT
-    if dangling is None:
-        dangling = np.asarray(P.sum(axis=1)).ravel() <= 0
-    dmask = dangling.astype(np.float64)
-    x = s.copy()
-    for _ in range(max_iter):
-        nxt = alpha * s + (1.0 - alpha) * (PT @ x + s * (dmask @ x))
-        err = np.abs(nxt - x).sum(axis=0).max()
-        x = nxt
-        if err < tol:
-            break
-    return x[:, 0] if squeeze else x
-
-
-def _sample_next(
-    P: sp.csr_matrix, pos: np.ndarray, u: np.ndarray, cumulative: np.ndarray | None
-) -> np.ndarray:
-    """One weighted step for every walker (vectorised): column of the sampled out-edge of ``pos``."""
-    start = P.indptr[pos]
-    deg = P.indptr[pos + 1] - start
-    if cumulative is None:  # uniform weights within every row
-        idx = start + np.minimum((u * deg).astype(np.int64), deg - 1)
-    else:
-        base = np.where(start > 0, cumulative[np.maximum(start - 1, 0)], 0.0)
-        idx = np.searchsorted(cumulative, base + u * (cumulative[P.indptr[pos + 1] - 1] - base), side="right")
-        idx = np.clip(idx, start, start + deg - 1)
-    return P.indices[idx]
-
-
-def build_fingerprints(
-    P: sp.csr_matrix,
-    *,
-    alpha: float = DEFAULT_ALPHA,
-    walks: int = 64,
-    max_length: int = 30,
-    seed: int = 0,
-    sources: np.ndarray | None = None,
-    chunk_walkers: int = 2_000_000,
-) -> sp.csr_matrix:
-    """Monte Carlo PPR fingerprints: row i estimates the PPR vector of ``sources[i]`` (default: all nodes).
-
-    Each walk starts at its source, stops with probability ``alpha`` before every step (at most
-    ``max_length`` steps) and restarts at its source from a dangling node. Every visit adds
-    ``alpha / walks``. All walkers of a chunk of sources move together, one numpy step at a time.
-    """
-    import scipy.sparse as sp
-
-    n = P.shape[0]
-    P = sp.csr_matrix(P)
-    sources = np.arange(n, dtype=np.int64) if sources is None else np.asarray(sources, dtype=np.int64)
-    deg = np.diff(P.indptr)
-    dangling = deg == 0
-    row_of_edge = np.repeat(np.arange(n), deg)
-    uniform = bool(np.allclose(P.data, 1.0 / deg[row_of_edge])) if P.nnz else True
-    cumulative = None if uniform else np.cumsum(P.data, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, chunk_walkers // max(walks, 1))
-    blocks = []
-    for lo in range(0, len(sources), per_chunk):
-        local = np.repeat(np.arange(min(per_chunk, len(sources) - lo), dtype=np.int64), walks)
-        origin = sources[lo:][local]
-        pos = origin.copy()
-        rows, cols = [local], [pos]
-        for _ in range(max_length):
-            keep = rng.random(len(pos)) >= alpha
-            local, origin, pos = local[keep], origin[keep], pos[keep]
-            if len(pos) == 0:
-                break
-            at_dangling = dangling[pos]
-            if at_dangling.any():
-                pos = np.where(at_dangling, origin, pos)
-                # a restart consumes this step; walkers that restarted move on from their source next step
-                moving = ~at_dangling
-                stepped = pos.copy()
-                stepped[moving] = _sample_next(P, pos[moving], rng.random(int(moving.sum())), cumulative)
-                pos = stepped
-            else:
-                pos = _sample_next(P, pos, rng.random(len(pos)), cumulative)
-            rows.append(local)
-            cols.append(pos)
-        r = np.concatenate(rows)
-        c = np.concatenate(cols)
-        block = sp.csr_matrix(
-            (np.full(len(r), alpha / walks, dtype=np.float32), (r, c)),
-            shape=(min(per_chunk, len(sources) - lo), n),
-        )
-        block.sum_duplicates()
-        blocks.append(block)
-    if not blocks:
-        return sp.csr_matrix((0, n), dtype=np.float32)
-    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
-
-
-def fingerprint_ppr(
-    F: sp.csr_matrix,
-    seeds: sp.csr_matrix,
-    *,
-    P: sp.csr_matrix | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    refine_steps: int = 0,
-) -> sp.csr_matrix:
-    """Approximate PPR for a batch of sparse seed rows (b x n, rows summing to 1): ``s F``.
-
-    With ``refine_steps = T`` > 0 (needs ``P``) the first T terms of the PPR series are exact:
-    ``sum_{t<T} alpha (1-alpha)^t s P^t + (1-alpha)^T (s P^T) F``.
-    """
-    x = seeds.tocsr().astype(np.float64)
-    acc = None
-    for _ in range(refine_steps):
-        if P is None:
-            raise ValueError("refine_steps > 0 needs the transition matrix P")
-        term = alpha * x
-        acc = term if acc is None else acc + term
-        x = (1.0 - alpha) * (x @ P)
-    result = x.astype(F.dtype) @ F  # never upcast F itself: it can hold 10^8 entries
-    return (result if acc is None else result + acc).tocsr()
-
-
-def replace_rows(F: sp.csr_matrix, rows: np.ndarray, block: sp.csr_matrix) -> sp.csr_matrix:
-    """``F`` with ``rows`` replaced by the rows of ``block`` (same order)."""
-    import scipy.sparse as sp
-
-    keep = np.ones(F.shape[0], dtype=F.dtype)
-    keep[rows] = 0
-    coo = block.tocoo()
-    placed = sp.csr_matrix((coo.data, (np.asarray(rows)[coo.row], coo.col)), shape=F.shape, dtype=F.dtype)
-    out = sp.csr_matrix(sp.diags(keep) @ F + placed)
-    out.eliminate_zeros()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fusion of PPR with the incoming ranking
-# ---------------------------------------------------------------------------------------------
-def _minmax(values: np.ndarray) -> np.ndarray:
-    """Min-max normalise the finite values to [0, 1]; NaN (missing) becomes 0; constant lists give 1."""
-    out = np.zeros(len(values))
-    finite = ~np.isnan(values)
-    if finite.any():
-        low, high = values[finite].min(), values[finite].max()
-        out[finite] = (values[finite] - low) / (high - low) if high > low else 1.0
-    return out
-
-
-def fuse_with_ppr(
-    incoming_rank: np.ndarray,
-    incoming_score: np.ndarray,
-    ppr: np.ndarray,
-    *,
-    method: str,
-    weight: float,
-    rrf_k: int = 60,
-) -> np.ndarray:
-    """Final score per pool candidate (NaN incoming rank/score = a candidate PPR added).
-
-    ``rrf``: ``(1-w) / (rrf_k + incoming rank) + w / (rrf_k + PPR rank)`` (a missing rank adds 0; PPR
-    ranks only count candidates with positive PPR); ``interpolate``: ``(1-w) minmax(incoming) + w
-    minmax(PPR)``; ``ppr_only``: PPR.
-    """
-    if method == "ppr_only":
-        return ppr.astype(np.float64)
-    if method == "interpolate":
-        return (1.0 - weight) * _minmax(incoming_score) + weight * _minmax(ppr.astype(np.float64))
-    if method == "rrf":
-        order = np.argsort(-ppr, kind="stable")
-        ppr_rank = np.empty(len(ppr))
-        ppr_rank[order] = np.arange(1, len(ppr) + 1)
-        first = np.where(np.isnan(incoming_rank), 0.0, 1.0 / (rrf_k + np.nan_to_num(incoming_rank)))
-        second = np.where(ppr > 0, 1.0 / (rrf_k + ppr_rank), 0.0)
-        return (1.0 - weight) * first + weight * second
-    raise ValueError(f"unknown fusion {method!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-# ---------------------------------------------------------------------------------------------
 class PPRConfig(IndexedConfig):
     index: str | None = "graph"
     """Sub-folder of the index_dir holding the graph (and fingerprints)."""
@@ -331,7 +114,7 @@ class _Solved:
     fingerprints: sp.csr_matrix | None = None
 
 
-class PPRStage(IndexedRetriever):
+class PPRStage(IndexedStage):
     """Personalized PageRank over the corpus kNN graph (kind ``ppr``), see the module docstring.
 
     ``stage_scores[name]`` of every output candidate is its PPR score (0 outside the graph);
@@ -341,7 +124,6 @@ class PPRStage(IndexedRetriever):
 
     Config = PPRConfig
     config: PPRConfig
-    is_retriever: ClassVar[bool] = False
     libraries = ("faiss-cpu", "scipy", "numpy")
 
     def __init__(self, config: PPRConfig, context: Any) -> None:
@@ -352,8 +134,8 @@ class PPRStage(IndexedRetriever):
     def dense(self) -> DenseRetriever:
         """The pipeline's dense stage for ``dense_model`` (one is made if the pipeline has none)."""
         model = self.config.dense_model
-        return self.context.shared(
-            ("dense-embeddings", model),
+        return self.context.dense_or_build(
+            model,
             lambda: self.context.build_stage({"kind": "dense", "model": model}, f"ppr stage {self.name!r}"),
         )
 
@@ -364,8 +146,9 @@ class PPRStage(IndexedRetriever):
     def bm25(self) -> BM25Retriever:
         """A BM25 stage over the pipeline's ``bm25_index`` (for the lexical neighbours)."""
         name, depth = self.config.bm25_index, self.config.lexical_neighbors + 1  # + the document itself
-        return self.context.shared(
-            ("bm25-index", name, depth),
+        return self.context.bm25_or_build(
+            name,
+            depth,
             lambda: self.context.build_stage(
                 {"kind": "bm25", "index": name, "k": depth}, f"ppr stage {self.name!r}"
             ),
@@ -463,54 +246,26 @@ class PPRStage(IndexedRetriever):
         return _Solved(graph, P, P.T.tocsr(), dangling, fingerprints)
 
     # ---- fingerprints ------------------------------------------------------------------------------
-    def _fingerprint_file(self, folder: Path) -> Path:
-        """One file per walk setting (so configurations can share a graph)."""
-        from streamrank.index.graph import file_digest
-
+    def _walk_settings(self) -> WalkSettings:
         cfg = self.config
-        key = {
-            "alpha": cfg.alpha,
-            "walks": cfg.walks,
-            "max_length": cfg.max_length,
-            "seed": cfg.walk_seed,
-            "edges": file_digest(cfg.edges) if cfg.edges else None,
-            "edge_weight": cfg.edge_weight,
-        }
-        if cfg.lexical_neighbors:  # keeps the file names of graphs without lexical edges
-            key["lexical_weight"] = cfg.lexical_weight
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return folder / f"fingerprints-{digest}.npz"
-
-    def _compute_fingerprints(
-        self, P: sp.csr_matrix, sources: np.ndarray | None = None, salt: int = 0
-    ) -> sp.csr_matrix:
-        cfg = self.config
-        return build_fingerprints(
-            P,
-            alpha=cfg.alpha,
-            walks=cfg.walks,
-            max_length=cfg.max_length,
-            seed=cfg.walk_seed + salt,
-            sources=sources,
+        lexical_weight = cfg.lexical_weight if cfg.lexical_neighbors else None
+        return WalkSettings(
+            cfg.alpha, cfg.walks, cfg.max_length, cfg.walk_seed, cfg.edges, cfg.edge_weight, lexical_weight
         )
 
     def _fingerprints(self, solved: _Solved, folder: Path | None = None) -> sp.csr_matrix:
         """The fingerprints of the open graph: loaded, or computed and saved when missing or stale."""
-        from streamrank.index.graph import load_sparse, save_sparse
-
         if solved.fingerprints is not None:
             return solved.fingerprints
-        path = self._fingerprint_file(folder or self.folder)
-        if path.exists():
-            F, meta, _ = load_sparse(path)
-            if meta.get("graph_version") == solved.graph.version:
-                solved.fingerprints = F
-                return F
-        log.info(
-            "ppr stage %r: computing fingerprints for %d nodes (%s)", self.name, len(solved.graph), path.name
-        )
-        solved.fingerprints = self._compute_fingerprints(solved.P)
-        save_sparse(path, solved.fingerprints, {"graph_version": solved.graph.version})
+        walks = self._walk_settings()
+        path = walks.path(folder or self.folder)
+        solved.fingerprints = load_fingerprints(path, solved.graph.version)
+        if solved.fingerprints is None:
+            log.info(
+                "ppr stage %r: computing fingerprints for %d nodes (%s)", self.name, len(solved.graph), path.name
+            )
+            solved.fingerprints = walks.compute(solved.P)
+            save_fingerprints(path, solved.fingerprints, solved.graph.version)
         return solved.fingerprints
 
     def _refresh_fingerprints(
@@ -520,29 +275,11 @@ class PPRStage(IndexedRetriever):
 
         ``kept`` maps new rows to old rows after a delete (None after an add: old rows keep their number).
         """
-        from streamrank.index.graph import save_sparse
-
         if self.config.solver != "montecarlo":
             return  # a fingerprint file left by another setting is stale now; it is redone when loaded
-        F = self._fingerprints(old)
-        n = len(new.graph)
-        if kept is not None:
-            F = F[kept][:, kept].tocsr()
-        else:
-            F = F.copy()
-            F.resize((n, n))
-        touched = np.zeros(n, dtype=bool)
-        touched[changed] = True
-        touched |= np.diff(F.indptr) == 0  # new nodes (every fingerprint row holds at least its source)
-        touched[np.unique(F[:, changed].tocoo().row)] = True
-        rows = np.flatnonzero(touched)
-        if len(rows) > n // 4:
-            F = self._compute_fingerprints(new.P)
-        elif len(rows):
-            salt = int(new.graph.version[:8], 16)  # fresh randomness for re-walked rows
-            F = replace_rows(F, rows, self._compute_fingerprints(new.P, sources=rows, salt=salt))
-        new.fingerprints = F
-        save_sparse(self._fingerprint_file(self.folder), F, {"graph_version": new.graph.version})
+        walks = self._walk_settings()
+        new.fingerprints = walks.carry(self._fingerprints(old), new.P, new.graph.version, changed, kept)
+        save_fingerprints(walks.path(self.folder), new.fingerprints, new.graph.version)
 
     # ---- updates --------------------------------------------------------------------------------
     def _add(self, documents: Sequence[Document]) -> dict[str, Any]:
@@ -554,14 +291,14 @@ class PPRStage(IndexedRetriever):
         everything = graph.ids + new_ids
         base = self.dense().embeddings_for(everything)
         position = {doc_id: i for i, doc_id in enumerate(everything)}
-        graph = _copy_graph(graph)
+        graph = graph.copy()
         changed = graph.add(ids, base[[position[i] for i in ids]], base, self.lexical_edges(documents))
         return self._commit(old, graph, changed, kept=None)
 
     def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
         old = self._solved
         assert old is not None
-        graph = _copy_graph(old.graph)
+        graph = old.graph.copy()
         gone = {d for d in doc_ids if d in graph.row_of}
         kept = np.array([i for i, d in enumerate(graph.ids) if d not in gone], dtype=np.int64)
         changed = graph.delete(gone)
@@ -593,7 +330,7 @@ class PPRStage(IndexedRetriever):
             if cfg.seed_weighting == "rank":
                 weights = np.array([1.0 / (cfg.rrf_k + i + 1) for i, _ in top])
             else:
-                weights = _minmax(np.array([c.score for _, c in top], dtype=np.float64)) + 1.0 / cfg.seeds
+                weights = minmax(np.array([c.score for _, c in top], dtype=np.float64)) + 1.0 / cfg.seeds
             for (_, c), w in zip(top, weights / weights.sum(), strict=True):
                 query[row_of[c.doc_id]] = query.get(row_of[c.doc_id], 0.0) + float(w)
         history = [row_of[d] for d in dict.fromkeys(ranking.query.user_history) if d in row_of]
@@ -607,14 +344,8 @@ class PPRStage(IndexedRetriever):
 
     def _ppr_vectors(self, solved: _Solved, seeds: list[dict[int, float]]) -> np.ndarray:
         """PPR (b x n, dense) for non-empty seed dicts, by the configured solver."""
-        import scipy.sparse as sp
-
         cfg = self.config
-        n = len(solved.graph)
-        rows = np.repeat(np.arange(len(seeds)), [len(s) for s in seeds])
-        cols = np.array([r for s in seeds for r in s], dtype=np.int64)
-        vals = np.array([w for s in seeds for w in s.values()], dtype=np.float64)
-        S = sp.csr_matrix((vals, (rows, cols)), shape=(len(seeds), n))
+        S = seed_matrix(seeds, len(solved.graph))
         if cfg.solver == "power":
             X = power_iteration(
                 solved.P,
@@ -650,10 +381,6 @@ class PPRStage(IndexedRetriever):
                 out[i].notes.append(f"{self.name}: no seed document is in the corpus graph; order kept")
         return out
 
-    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
-        """PPR reranks the pool it is given: the same work whatever the request's ``k``."""
-        return self.run(rankings)
-
     def _rerank(self, ranking: Ranking, x: np.ndarray, ids: list[str], row_of: dict[str, int]) -> Ranking:
         cfg = self.config
         pool = list(ranking.candidates)
@@ -682,16 +409,3 @@ class PPRStage(IndexedRetriever):
             cand.stage_scores[f"{self.name}_fused"] = cand.score
             cand.stage_scores[self.name] = raw[cand.doc_id]
         return result
-
-
-def _copy_graph(graph: CorpusGraph) -> CorpusGraph:
-    """A copy an update may change while queries keep using the original."""
-    from dataclasses import replace
-
-    return replace(
-        graph,
-        ids=list(graph.ids),
-        knn=graph.knn.copy(),
-        user_edges=list(graph.user_edges),
-        lexical=graph.lexical.copy(),
-    )

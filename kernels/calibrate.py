@@ -217,7 +217,7 @@ def load_texts(source: str | Path = "auto", limit: int = DEFAULT_SIZE) -> list[s
             else:
                 texts = list(islice((x for x in lines if x), limit))
     else:
-        from streamrank.eval.datasets import load_dataset
+        from streamrank.datasets import load_dataset
 
         texts = [doc.contents for doc in islice(load_dataset(str(source)).corpus(), limit)]
     texts = [t for t in texts if t]

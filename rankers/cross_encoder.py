@@ -2,30 +2,21 @@
 
 No cross-encoder ships offline: configure ``model`` with a Hugging Face id (when online) or a local
 folder. The top ``depth`` are rescored; the rest follow in their incoming order
-(``rankers.llm.merge_reranked``, shared by every reranker). ``pool_texts`` (the text of the top
-``depth``, filled from the store) is shared with the E2Rank stage.
+(:meth:`~streamrank.rankers.base.Reranker.merge_reranked`, shared by every reranker). The pairs of
+all the batch's queries go through the model in one call.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from streamrank.rankers.llm import merge_reranked
-from streamrank.stage import BaseStage, StageConfig
-from streamrank.types import ModelCall, Ranking
-
-if TYPE_CHECKING:
-    from streamrank.context import PipelineContext
-
-
-def pool_texts(context: PipelineContext, rankings: Sequence[Ranking], depth: int) -> list[list[str]]:
-    """The ``contents`` of each ranking's top ``depth`` candidates, filled from the store if needed."""
-    context.require_documents(rankings, depth, "reranker")
-    return [[c.document.contents for c in r.candidates[:depth]] for r in rankings]  # type: ignore[union-attr]
+from streamrank.rankers.base import Reranker
+from streamrank.stage import StageConfig
+from streamrank.types import Ranking
 
 
 class CrossEncoderConfig(StageConfig):
@@ -38,11 +29,12 @@ class CrossEncoderConfig(StageConfig):
     """Token limit per (query, passage) pair; None keeps the model's own."""
 
 
-class CrossEncoderReranker(BaseStage):
+class CrossEncoderReranker(Reranker):
     """Scores each (query, passage) pair of the top ``depth`` and sorts by the model's score."""
 
     Config = CrossEncoderConfig
     config: CrossEncoderConfig
+    documents_label: ClassVar[str | None] = "reranker"
 
     @property
     def model(self) -> Any:
@@ -60,8 +52,10 @@ class CrossEncoderReranker(BaseStage):
             max_length=self.config.max_length,
         )
 
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
-        texts = pool_texts(self.context, rankings, self.config.depth)
+    def rerank_batch(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        """Every query's (query, passage) pairs scored in one ``predict`` call."""
+        self.require_documents(rankings)
+        texts = [self.candidate_texts(r) for r in rankings]
         pairs = [(r.query.text, t) for r, pool in zip(rankings, texts, strict=True) for t in pool]
         if not pairs:
             return list(rankings)
@@ -72,16 +66,11 @@ class CrossEncoderReranker(BaseStage):
         for ranking, pool in zip(rankings, texts, strict=True):
             own = [float(s) for s in scores[start : start + len(pool)]]
             start += len(pool)
-            ranked = merge_reranked(ranking, self.name, own, self.config.depth, self.config.k)
+            ranked = self.merge_reranked(ranking, own)
             if pool:
-                ranked.calls = [
-                    *ranking.calls,
-                    ModelCall(
-                        self.name,
-                        self.config.model,
-                        seconds=seconds_per_pair * len(pool),
-                        note=f"{len(pool)} pairs",
-                    ),
-                ]
+                ranked.calls = list(ranking.calls)  # the call goes on the output; the input is left as it was
+                self.record_call(
+                    ranked, self.config.model, seconds=seconds_per_pair * len(pool), note=f"{len(pool)} pairs"
+                )
             out.append(ranked)
         return out

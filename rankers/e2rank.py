@@ -15,7 +15,12 @@ token space: the instruction, the ``[i]`` markers and the query are reserved fir
 if it alone exceeds the limit). What is left is shared out over the passages by water-filling:
 each passage keeps its first ``min(length, fair share)`` tokens and what short passages leave is
 shared among the longer ones. With MiniLM, a SciFact claim and 20 passages, that is about 7
-tokens per passage: the title or the opening words of each.
+tokens per passage: the title or the opening words of each; with EmbeddingGemma (2,048 tokens) about
+90. How many passages fit, and how long each was kept, goes into the ranking's notes.
+
+Prompts. An encoder that defines sentence-transformers prompts (EmbeddingGemma) gets its ``query``
+prompt before the pseudo-query and the plain query, and its ``document`` prompt before passages, as
+the dense stage does; its tokens are reserved before the passages are fitted.
 """
 
 from __future__ import annotations
@@ -25,16 +30,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from streamrank.errors import IndexMissingError
 from streamrank.models import MINILM
-from streamrank.rankers.cross_encoder import pool_texts
-from streamrank.rankers.llm import merge_reranked
-from streamrank.stage import BaseStage, StageConfig
-from streamrank.types import ModelCall, Ranking
+from streamrank.rankers.base import Reranker
+from streamrank.stage import StageConfig
+from streamrank.types import Ranking
 
 if TYPE_CHECKING:
     import numpy as np
@@ -153,21 +157,37 @@ class EmbeddingListwiseConfig(StageConfig):
     max_length: int | None = Field(None, ge=8)
     """Token limit of the prompt; None (or more than the encoder takes) means the encoder's own."""
     batch_size: int = Field(32, ge=1)
+    use_model_prompts: bool = True
+    """Use the encoder's own query/document prompts when it defines them (as the dense stage does)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Encoder dtype; the dense stage's, so that both share one loaded model and the same vectors."""
 
 
-class EmbeddingListwise(BaseStage):
+class EmbeddingListwise(Reranker):
     """Reranks the top ``depth`` by cosine to the embedded listwise prompt of the top ``prompt_docs``."""
 
     Config = EmbeddingListwiseConfig
     config: EmbeddingListwiseConfig
+    documents_label: ClassVar[str | None] = "reranker"
 
     @property
     def encoder(self) -> Any:
-        return self.context.sentence_encoder(self.config.model)
+        return self.context.sentence_encoder(self.config.model, self.config.dtype)
+
+    def prompt(self, role: Literal["query", "document"]) -> str:
+        """The encoder's own prompt for ``role`` ("" when it has none or prompts are off)."""
+        from streamrank.models import model_prompts
+
+        return model_prompts(self.config.model).get(role, "") if self.config.use_model_prompts else ""
 
     def max_tokens(self) -> int:
+        """Tokens the pseudo-query may take: the encoder's limit (or ``max_length``) less its query prompt."""
         limit = self.encoder.max_seq_length
-        return min(limit, self.config.max_length) if self.config.max_length else limit
+        limit = min(limit, self.config.max_length) if self.config.max_length else limit
+        prompt = self.prompt("query")
+        if prompt:
+            limit -= len(self.encoder.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+        return limit
 
     def pseudo_query(self, query: str, passages: Sequence[str]) -> PseudoQuery:
         """The prompt this stage embeds for ``query`` given the ranked ``passages`` (top first)."""
@@ -179,14 +199,14 @@ class EmbeddingListwise(BaseStage):
             max_tokens=self.max_tokens(),
         )
 
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], role: Literal["query", "document"]) -> np.ndarray:
         from streamrank.models import encode_sentences
 
-        return encode_sentences(self.encoder, texts, self.config.batch_size)
+        return encode_sentences(self.encoder, texts, self.config.batch_size, prompt=self.prompt(role))
 
     def _dense_index(self) -> Any | None:
         """The dense stage of this pipeline with the same model, if one registered itself."""
-        return self.context.get(("dense-embeddings", self.config.model))
+        return self.context.dense_for(self.config.model)
 
     def _doc_vectors(
         self, rankings: Sequence[Ranking], texts: Sequence[Sequence[str]]
@@ -197,7 +217,8 @@ class EmbeddingListwise(BaseStage):
             for r, pool in zip(rankings, texts, strict=True)
             for c, t in zip(r.candidates, pool, strict=False)
         }
-        cache = self.context.shared(("text-embeddings", self.config.model), VectorCache)
+        key = ("text-embeddings", self.config.model, self.config.dtype, self.prompt("document"))
+        cache = self.context.shared(key, VectorCache)
         found = cache.get_many(wanted)
         missing = [t for t in wanted if t not in found]
         dense = self._dense_index() if missing and self.context.index_dir is not None else None
@@ -215,23 +236,25 @@ class EmbeddingListwise(BaseStage):
                 pass
             missing = [t for t in missing if t not in found]
         if missing:
-            found.update(zip(missing, self._encode(missing), strict=True))
+            found.update(zip(missing, self._encode(missing, "document"), strict=True))
         cache.put_many(found)
         return found, len(missing)
 
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+    def rerank_batch(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        """The batch's prompts, queries and passages encoded together, then each query reranked."""
         import numpy as np
 
         cfg = self.config
-        texts = pool_texts(self.context, rankings, cfg.depth)
+        self.require_documents(rankings)
+        texts = [self.candidate_texts(r) for r in rankings]
         active = [i for i, pool in enumerate(texts) if pool]
         if not active:
             return list(rankings)
         _ = self.encoder  # load the model before the clock starts
         started = time.perf_counter()
         prompts = {i: self.pseudo_query(rankings[i].query.text, texts[i]) for i in active}
-        prompt_vecs = self._encode([prompts[i].text for i in active])
-        query_vecs = self._encode([rankings[i].query.text for i in active]) if cfg.query_weight else None
+        prompt_vecs = self._encode([prompts[i].text for i in active], "query")
+        query_vecs = self._encode([rankings[i].query.text for i in active], "query") if cfg.query_weight else None
         vectors, encoded = self._doc_vectors([rankings[i] for i in active], [texts[i] for i in active])
         seconds = (time.perf_counter() - started) / len(active)
 
@@ -241,13 +264,19 @@ class EmbeddingListwise(BaseStage):
             scores = (1.0 - cfg.query_weight) * (docs @ prompt_vecs[row])
             if query_vecs is not None:
                 scores += cfg.query_weight * (docs @ query_vecs[row])
-            ranked = merge_reranked(rankings[i], self.name, scores.tolist(), cfg.depth, cfg.k)
+            ranked = self.merge_reranked(rankings[i], scores.tolist())
             p = prompts[i]
             kept = p.passage_tokens
             note = f"pseudo-query: {len(kept)} passages, {min(kept, default=0)}-{max(kept, default=0)} tokens each"
             if encoded:
                 note += f"; {encoded} passages encoded in this batch"
-            call = ModelCall(self.name, cfg.model, prompt_tokens=p.tokens, seconds=seconds, note=note)
-            ranked.calls = [*rankings[i].calls, call]
+            ranked.calls = list(rankings[i].calls)  # the call goes on the output; the input is left as it was
+            ranked.notes = [
+                *rankings[i].notes,
+                f"{self.name}: the pseudo-query holds {len(kept)} of the top "
+                f"{min(cfg.prompt_docs, len(texts[i]))} passages, {min(kept, default=0)}-{max(kept, default=0)} "
+                f"tokens each ({p.tokens} of {self.max_tokens()} tokens)",
+            ]
+            self.record_call(ranked, cfg.model, prompt_tokens=p.tokens, seconds=seconds, note=note)
             out[i] = ranked
         return out

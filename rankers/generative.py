@@ -90,8 +90,9 @@ class GenerativeListwise(ListwiseReranker):
         )
         if parsed.repaired:
             ranking.notes.append(f"{self.name}: {note}")
-        self.record(
+        self.record_call(
             ranking,
+            self.llm.name,
             prompt_tokens=generation.prompt_tokens,
             output_tokens=generation.output_tokens,
             seconds=generation.seconds,

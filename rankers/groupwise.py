@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from streamrank.rankers.listwise import identifier_logits, order_from_logits
 from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig
 from streamrank.stage import StageConfig
-from streamrank.types import Candidate, Ranking
+from streamrank.types import Ranking
 
 if TYPE_CHECKING:
     import torch
@@ -109,8 +109,7 @@ class GroupwiseReranker(LLMReranker):
         super().__init__(*args, **kwargs)
         self.last_stats = StreamStats()
 
-    def score_candidates(self, ranking: Ranking, top: list[Candidate]) -> list[float]:
-        texts = [c.document.contents if c.document else "" for c in top]
+    def score_top(self, ranking: Ranking, texts: list[str]) -> list[float]:
         return self.score_texts(ranking, ranking.query.text, texts)
 
     def score_texts(self, ranking: Ranking, query: str, texts: Sequence[str]) -> list[float]:
@@ -128,8 +127,9 @@ class GroupwiseReranker(LLMReranker):
             )  # raises if unusable
             logits.append(values)
             stats.prompt_tokens.append(result.computed_tokens)
-            self.record(
+            self.record_call(
                 ranking,
+                self.llm.name,
                 prompt_tokens=result.computed_tokens,
                 seconds=result.seconds,
                 note=f"group {number}: {len(group)} passages ({len(plan.anchors)} anchors)",

@@ -31,14 +31,7 @@ from streamrank.errors import RankerError
 if TYPE_CHECKING:
     import torch
 
-    from streamrank.rankers.llm import CausalLM
-
-
-def new_cache(llm: CausalLM) -> Any:
-    """An empty transformers DynamicCache for ``llm``."""
-    from transformers import DynamicCache
-
-    return DynamicCache(config=llm.model.config)
+    from streamrank.rankers.causal_lm import CausalLM
 
 
 def cache_length(cache: Any) -> int:
@@ -76,7 +69,7 @@ class PrefixCache:
         started = time.perf_counter()
         self.llm = llm
         self.ids = list(ids)
-        self.cache = new_cache(llm)
+        self.cache = llm.new_cache()
         with torch.inference_mode():
             llm.forward_ids(
                 torch.tensor([self.ids]),
@@ -161,7 +154,7 @@ class SinkCache:
         self.llm = llm
         self.sink = sink
         self.window = window
-        self.cache = new_cache(llm)
+        self.cache = llm.new_cache()
         self.inv_freq = rotary_inv_freq(llm)
         self.seen = 0
         self.evicted = 0

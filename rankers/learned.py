@@ -10,9 +10,10 @@ stage turns them into a feature row per candidate and reorders the pool with a s
 - the incoming position and score, the document length (words of body and title) and query length.
 
 Feature names and the stage keys are recorded with the model (``<model>.json`` beside LightGBM's
-text model). :func:`train_ranker` runs the pipeline up to this stage over a train split, labels the
-pools from qrels, and trains lambdarank (200 trees, LightGBM's default leaves, early stopping on a
-held-out 20% of the train queries). Training on a split named ``test`` is refused.
+text model). :func:`train_lambdarank` fits the model (200 trees, LightGBM's default leaves, early
+stopping on a held-out 20% of the train queries); running the pipeline up to this stage over a
+train split and labelling the pools from qrels is ``streamrank train-ranker``
+(:func:`streamrank.eval.training.train_ranker`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field
 
-from streamrank.errors import ConfigError, IndexMismatchError, IndexMissingError, StreamRankError
-from streamrank.stage import BaseStage, StageConfig
+from streamrank.errors import ConfigError, IndexMismatchError, IndexMissingError
+from streamrank.rankers.base import Reranker
+from streamrank.stage import StageConfig
 from streamrank.types import Ranking
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ PER_STAGE = ("score", "rank", "gap")
 
 class LearnedConfig(StageConfig):
     model_path: str | None = None
-    """LightGBM model file; default ``$STREAMRANK_HOME/models/learned-<corpus>.txt``."""
+    """LightGBM model file; default ``$STREAMRANK_HOME/models/learned-<corpus>.txt``, or
+    ``learned-<corpus>-<name>.txt`` for a stage given its own ``name`` (one model per pipeline)."""
     num_trees: int = Field(200, ge=1)
     learning_rate: float = Field(0.05, gt=0)
     num_leaves: int = Field(31, ge=2)
@@ -117,21 +120,9 @@ class RankerModel:
     def score(self, ranking: Ranking) -> np.ndarray:
         return self.booster.predict(ranking_features(ranking, self.stage_keys), num_threads=1)
 
-    def save(self, path: Path) -> None:
-        """Write the LightGBM text model and ``<path>.json`` (stage keys, features, training facts)."""
-        from streamrank.index.manifest import write_atomic, write_json_atomic
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(
-            path,
-            lambda tmp: self.booster.save_model(str(tmp), num_iteration=self.booster.best_iteration or None),
-        )
-        write_json_atomic(
-            sidecar(path), {**self.meta, "stage_keys": self.stage_keys, "features": self.features}
-        )
-
     @classmethod
     def load(cls, path: Path) -> RankerModel:
+        """Read a model written by training (the LightGBM text model and its ``<path>.json``)."""
         import lightgbm as lgb
 
         meta = json.loads(sidecar(path).read_text())
@@ -145,6 +136,7 @@ class RankerModel:
 
 
 def sidecar(path: Path) -> Path:
+    """The ``<model>.json`` beside a model file: stage keys, features, training facts."""
     return path.with_name(path.name + ".json")
 
 
@@ -205,7 +197,7 @@ def train_lambdarank(
 
 
 # ---- the stage --------------------------------------------------------------------------------
-class LearnedRanker(BaseStage):
+class LearnedRanker(Reranker):
     """Reorder the incoming pool by a trained lambdarank model (kind ``learned``)."""
 
     Config = LearnedConfig
@@ -225,10 +217,11 @@ class LearnedRanker(BaseStage):
             return Path(os.path.expandvars(self.config.model_path)).expanduser()
         if self.context.corpus is None:
             raise ConfigError(f"stage {self.name!r}: set `model_path` (the pipeline names no corpus)")
-        from streamrank.eval.datasets import corpus_key
+        from streamrank.datasets import corpus_key
         from streamrank.models import cache_home
 
-        return cache_home() / "models" / f"learned-{corpus_key(self.context.corpus)}.txt"
+        suffix = "" if self.name == self.config.kind else f"-{self.name}"
+        return cache_home() / "models" / f"learned-{corpus_key(self.context.corpus)}{suffix}.txt"
 
     def model(self) -> RankerModel:
         with self._lock:
@@ -243,7 +236,8 @@ class LearnedRanker(BaseStage):
                 self._model = RankerModel.load(path)
             return self._model
 
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+    def rerank_batch(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        """The whole pool of each query rescored (documents attached where the store has them)."""
         model = self.model()
         if self.context.index_dir is not None:
             self.context.attach_documents(rankings)
@@ -253,78 +247,3 @@ class LearnedRanker(BaseStage):
 
     def close(self) -> None:
         self._model = None
-
-
-# ---- training ---------------------------------------------------------------------------------
-def train_ranker(
-    dataset: str,
-    pipeline: str | Path,
-    split: str = "train",
-    output: Path | None = None,
-    limit: int | None = None,
-    *,
-    batch_size: int = 32,
-) -> Path:
-    """Train the pipeline's ``learned`` stage on ``dataset``/``split``; returns the model path.
-
-    Runs the stages before the learned one over the split's judged queries, builds features and
-    graded labels from the qrels, trains lambdarank and writes the model where the stage will look
-    for it (or to ``output``). Refuses a split named ``test``.
-    """
-    from streamrank.config import load_pipeline
-    from streamrank.eval.datasets import load_dataset, refuse_test_split
-    from streamrank.pipeline import Pipeline
-
-    refuse_test_split(split, "train the ranker", "early stopping holds out part of train itself")
-
-    data = load_dataset(dataset)
-    queries = data.queries(split)[: limit if limit else None]
-    if not queries:
-        raise StreamRankError(f"dataset {data.name!r} has no judged queries in split {split!r}")
-    qrels = data.qrels(split)
-    pipe = load_pipeline(pipeline, corpus=str(dataset))
-    try:
-        position = next((i for i, s in enumerate(pipe.stages) if isinstance(s, LearnedRanker)), None)
-        if position is None:
-            raise ConfigError(f"{pipeline}: the pipeline has no `learned` stage to train")
-        stage: LearnedRanker = pipe.stages[position]  # type: ignore[assignment]
-        if position == 0:
-            raise ConfigError(f"{pipeline}: the `learned` stage needs generator stages before it")
-        pipe.index()
-        prefix = Pipeline(f"{pipe.name}-generators", pipe.stages[:position], pipe.context)
-        pools = prefix.run_batched([Ranking(query=q) for q in queries], batch_size, desc="generators")
-        path = Path(output) if output is not None else stage.model_path
-        model = fit_ranker_model(
-            pools, qrels, stage.config, exclude=[stage.name, *stage.config.exclude_stages]
-        )
-        model.meta.update(
-            {"dataset": data.name, "split": split, "pipeline": str(pipeline), "queries": len(queries)}
-        )
-        model.save(path)
-    finally:
-        pipe.close()
-    return path
-
-
-def fit_ranker_model(
-    pools: Sequence[Ranking],
-    qrels: Mapping[str, Mapping[str, int]],
-    config: LearnedConfig,
-    exclude: Sequence[str] = (),
-) -> RankerModel:
-    """Features and labels of labelled pools (queries with no relevant candidate skipped), then lambdarank."""
-    usable = [r for r in pools if any(qrels.get(r.query.id, {}).get(c.doc_id, 0) > 0 for c in r.candidates)]
-    if len(usable) < 2:
-        raise StreamRankError(
-            f"only {len(usable)} queries have a relevant document among the candidates: too few to train"
-        )
-    keys = stage_keys_of(usable, exclude)
-    features = np.vstack([ranking_features(r, keys) for r in usable])
-    labels = np.concatenate(
-        [[max(0, qrels[r.query.id].get(c.doc_id, 0)) for c in r.candidates] for r in usable]
-    ).astype(np.float64)
-    booster, summary = train_lambdarank(
-        features, labels, [len(r.candidates) for r in usable], feature_names(keys), config=config
-    )
-    summary["skipped_queries"] = len(pools) - len(usable)
-    return RankerModel(booster, keys, summary)

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from streamrank.errors import RankerError
-from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig, order_scores
+from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig
 from streamrank.rankers.prompts import ListwisePrompt
 from streamrank.stage import StageConfig
-from streamrank.types import Candidate, Ranking
+from streamrank.types import Ranking
 
 if TYPE_CHECKING:
     import torch
 
+    from streamrank.rankers.causal_lm import CausalLM
     from streamrank.rankers.kv import PrefixCache
-    from streamrank.rankers.llm import CausalLM
 
 CONSTANT_TOLERANCE = 1e-6
 
@@ -66,6 +66,14 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int]]:
         if start == 0:
             return spans
         end -= stride
+
+
+def order_scores(order: Sequence[int]) -> list[float]:
+    """Scores from a permutation (``order[r]`` = index ranked r-th): best gets ``len(order)``."""
+    scores = [0.0] * len(order)
+    for rank, index in enumerate(order):
+        scores[index] = float(len(order) - rank)
+    return scores
 
 
 def order_from_logits(values: torch.Tensor, what: str = "identifier logits") -> list[int]:
@@ -105,8 +113,7 @@ class ListwiseReranker(LLMReranker):
     answer_reserve: ClassVar[int] = 0
     """Tokens kept free per identifier for the answer (generation)."""
 
-    def score_candidates(self, ranking: Ranking, top: list[Candidate]) -> list[float]:
-        texts = [c.document.contents if c.document else "" for c in top]
+    def score_top(self, ranking: Ranking, texts: list[str]) -> list[float]:
         return order_scores(self.rank_texts(ranking, ranking.query.text, texts))
 
     def spans(self, n: int) -> list[tuple[int, int]]:
@@ -149,8 +156,9 @@ class SingleTokenListwise(ListwiseReranker):
     ) -> list[int]:
         values, result = identifier_logits(self.llm, prompt, prefix)
         order = order_from_logits(values, f"{self.name}: identifier logits for window {span[0]}-{span[1]}")
-        self.record(
+        self.record_call(
             ranking,
+            self.llm.name,
             prompt_tokens=result.computed_tokens,
             seconds=result.seconds,
             note=f"window {span[0]}-{span[1]}: {len(prompt.labels)} passages, prompt {len(prompt.ids)} tokens"

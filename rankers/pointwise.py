@@ -14,7 +14,7 @@ from pydantic import Field
 
 from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig
 from streamrank.stage import StageConfig
-from streamrank.types import Candidate, Ranking
+from streamrank.types import Ranking
 
 
 class QueryLikelihoodConfig(LLMRerankerConfig):
@@ -29,8 +29,7 @@ class QueryLikelihood(LLMReranker):
     Config: ClassVar[type[StageConfig]] = QueryLikelihoodConfig
     config: QueryLikelihoodConfig
 
-    def score_candidates(self, ranking: Ranking, top: list[Candidate]) -> list[float]:
-        texts = [c.document.contents if c.document else "" for c in top]
+    def score_top(self, ranking: Ranking, texts: list[str]) -> list[float]:
         return self.score_texts(ranking, ranking.query.text, texts)
 
     def score_texts(self, ranking: Ranking, query: str, texts: list[str]) -> list[float]:
@@ -54,8 +53,9 @@ class QueryLikelihood(LLMReranker):
                 target = torch.tensor(pairs[i][1], device=row.device)
                 logprobs = torch.log_softmax(row, dim=-1).gather(1, target[:, None]).squeeze(1)
                 scores[i] = float(logprobs.mean())
-            self.record(
+            self.record_call(
                 ranking,
+                self.llm.name,
                 prompt_tokens=result.computed_tokens,
                 seconds=result.seconds,
                 note=f"query likelihood of {len(batch)} passages",

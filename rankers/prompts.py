@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from streamrank.errors import RankerError
 
 if TYPE_CHECKING:
-    from streamrank.rankers.llm import CausalLM, LLMSettings
+    from streamrank.rankers.causal_lm import CausalLM
+    from streamrank.rankers.causal_lm_loading import LLMSettings
 
 SYSTEM = (
     "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."

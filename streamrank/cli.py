@@ -99,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ranker(args: argparse.Namespace) -> int:
-    from streamrank.rankers.learned import train_ranker
+    from streamrank.eval.training import train_ranker
 
     path = train_ranker(
         dataset=args.dataset,
@@ -113,7 +113,7 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from streamrank.eval.tune import parse_grid, render_summary, tune_stage
+    from streamrank.eval.training import parse_grid, render_summary, tune_stage
 
     result = tune_stage(
         dataset=args.dataset,

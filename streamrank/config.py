@@ -31,7 +31,16 @@ if TYPE_CHECKING:
     from streamrank.pipeline import Pipeline
     from streamrank.stage import BaseStage
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def packaged_config_dir() -> Path:
+    """The example pipelines shipped inside the package (``configs/`` of a checkout, the same files in a wheel)."""
+    from importlib.resources import files
+
+    return Path(str(files("streamrank.configs")))
+
+
+CONFIG_DIR = packaged_config_dir()
 
 
 class PipelineConfig(BaseModel):
@@ -60,14 +69,18 @@ def describe_validation_error(exc: ValidationError, where: str) -> str:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A path as given, or a bare name looked up in configs/ (``hybrid`` -> configs/hybrid.toml)."""
+    """A path as given, else a bare name looked up in ``./configs`` and then in the packaged configs
+    (``hybrid`` -> configs/hybrid.toml), so a name works from a checkout and from an installed wheel."""
     candidate = Path(path).expanduser()
     if candidate.exists():
         return candidate
-    for guess in (CONFIG_DIR / candidate, CONFIG_DIR / f"{candidate}.toml"):
-        if guess.exists():
-            return guess
-    raise ConfigError(f"pipeline file {str(path)!r} not found (also looked in {CONFIG_DIR})")
+    folders = [Path.cwd() / "configs", CONFIG_DIR] if not candidate.is_absolute() else []
+    for folder in dict.fromkeys(folders):
+        for guess in (folder / candidate, folder / f"{candidate}.toml"):
+            if guess.is_file():
+                return guess
+    looked = ", ".join(str(f) for f in dict.fromkeys(folders)) or "nowhere else (an absolute path)"
+    raise ConfigError(f"pipeline file {str(path)!r} not found (also looked in {looked})")
 
 
 def read_config(path: str | Path) -> tuple[PipelineConfig, Path]:
@@ -116,6 +129,7 @@ def load_pipeline(
     """
     from streamrank.context import PipelineContext
     from streamrank.pipeline import Pipeline
+    from streamrank.stage import check_unique_names
 
     config, source = read_config(path)
     corpus_ref = (corpus if corpus is not None else config.corpus) or None
@@ -123,10 +137,7 @@ def load_pipeline(
     resolved_dir = Path(chosen_dir).expanduser() if chosen_dir else default_index_dir(corpus_ref)
     context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device)
     stages = [build_stage(opts, context, f"{source}: stages[{i}]") for i, opts in enumerate(config.stages)]
-    names = [s.name for s in stages]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise ConfigError(f"{source}: stage names must be unique; set `name` to tell apart {sorted(duplicates)}")
+    check_unique_names(stages, str(source))
     return Pipeline(config.name, stages, context, source=source, description=config.description)
 
 
@@ -134,7 +145,7 @@ def default_index_dir(corpus: str | None) -> Path | None:
     """$STREAMRANK_HOME/indexes/<corpus id>, or None for a pipeline without a corpus."""
     if corpus is None:
         return None
-    from streamrank.eval.datasets import corpus_key
+    from streamrank.datasets import corpus_key
     from streamrank.models import cache_home
 
     return cache_home() / "indexes" / corpus_key(corpus)

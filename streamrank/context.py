@@ -1,4 +1,5 @@
-"""What stages of one pipeline share: the corpus store, the index folder, loaded models."""
+"""What stages of one pipeline share: the corpus store, the index folder, loaded models and the
+stages other stages read from (typed accessors: :meth:`PipelineContext.dense_for`...)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from streamrank.errors import IndexMissingError
+from streamrank.store import DocumentStore
 from streamrank.types import Ranking
 
 if TYPE_CHECKING:
-    from streamrank.index.store import DocumentStore
+    from streamrank.index.bm25 import BM25Retriever
+    from streamrank.index.dense import DenseRetriever
     from streamrank.stage import BaseStage
 
 T = TypeVar("T")
@@ -42,8 +45,6 @@ class PipelineContext:
 
     @cached_property
     def store(self) -> DocumentStore:
-        from streamrank.index.store import DocumentStore
-
         return DocumentStore(self.require_index_dir("the document store") / "docs.sqlite")
 
     def shared(self, key: Any, factory: Callable[[], T]) -> T:
@@ -58,11 +59,32 @@ class PipelineContext:
         with self._lock:
             return self._cache.get(key)
 
-    def sentence_encoder(self, model: str):
-        """A sentence-transformers model shared by every stage that names the same model."""
+    # ---- stages other stages read from (typed; the objects live in the shared cache) ---------------
+    def register_dense(self, model: str, retriever: DenseRetriever) -> DenseRetriever:
+        """Make ``retriever`` the pipeline's dense stage for ``model`` unless one is registered already;
+        returns the registered one (the first wins)."""
+        return self.shared(("dense-embeddings", model), lambda: retriever)
+
+    def dense_for(self, model: str) -> DenseRetriever | None:
+        """The dense stage registered for ``model`` (E2Rank and the kNN graph reuse its stored vectors),
+        or None; never creates one."""
+        return self.get(("dense-embeddings", model))
+
+    def dense_or_build(self, model: str, build: Callable[[], DenseRetriever]) -> DenseRetriever:
+        """The dense stage registered for ``model``, or the one ``build()`` makes (registered)."""
+        return self.shared(("dense-embeddings", model), build)
+
+    def bm25_or_build(self, index: str, depth: int, build: Callable[[], BM25Retriever]) -> BM25Retriever:
+        """One BM25 stage per (index folder, search depth) for stages that search it themselves
+        (the PPR graph's lexical neighbours), made by ``build()`` on first use."""
+        return self.shared(("bm25-index", index, depth), build)
+
+    def sentence_encoder(self, model: str, dtype: str = "float32"):
+        """A sentence-transformers model shared by every stage that names the same model and dtype."""
         from streamrank.models import load_sentence_encoder
 
-        return self.shared(("sentence-encoder", model), lambda: load_sentence_encoder(model, self.device))
+        key = ("sentence-encoder", model) if dtype == "float32" else ("sentence-encoder", model, dtype)
+        return self.shared(key, lambda: load_sentence_encoder(model, self.device, dtype))
 
     def attach_documents(self, rankings: Sequence[Ranking], limit: int | None = None) -> None:
         """Fill ``candidate.document`` from the store where a stage left it empty."""

@@ -9,6 +9,10 @@ class ConfigError(StreamRankError):
     """A pipeline definition names an unknown key, stage kind or value."""
 
 
+class ModelNotFoundError(StreamRankError):
+    """A model could not be found locally (and could not, or may not, be downloaded)."""
+
+
 class DatasetNotFoundError(StreamRankError):
     """A dataset could not be found locally (and could not be downloaded)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from streamrank.context import PipelineContext
-from streamrank.errors import InvalidQueryError
+from streamrank.errors import InvalidQueryError, StreamRankError
 from streamrank.stage import BaseStage
+from streamrank.store import StorageError, short_message, storage_problem
 from streamrank.types import Candidate, Document, Query, Ranking
 
 QueryLike = str | Query
+log = logging.getLogger("streamrank.pipeline")
 
 
 def as_query(query: QueryLike, index: int = 0, user_history: Sequence[str] = ()) -> Query:
@@ -66,6 +69,8 @@ class Pipeline:
         self.context = context
         self.source = source
         self.description = description
+        self.quarantined: dict[str, str] = {}
+        """Documents an index refused at ``recover`` (id -> reason): in the store, not in that index."""
 
     # ---- querying -------------------------------------------------------------------------
     def search(self, query: QueryLike, k: int = 10, *, user_history: Sequence[str] = ()) -> Ranking:
@@ -150,7 +155,7 @@ class Pipeline:
                 seen.add(id(stage))
                 yield from walk(stage.dependencies())
                 yield stage
-                yield from walk(getattr(stage, "children", ()))
+                yield from walk(stage.children)
 
         return walk(self.stages)
 
@@ -169,49 +174,148 @@ class Pipeline:
             stage.build(store, rebuild=rebuild)
 
     def corpus_documents(self) -> Iterator[Document]:
-        from streamrank.eval.datasets import load_dataset
+        from streamrank.datasets import load_dataset
 
         if self.context.corpus is None:
             raise InvalidQueryError("this pipeline names no corpus to index")
         return load_dataset(self.context.corpus).corpus()
 
-    def add_documents(self, documents: Sequence[Document]) -> None:
-        """Upsert documents: durable in the store first, then added to every index."""
-        self.context.store.upsert(documents)
-        for stage in self.iter_stages():
-            stage.add(documents)
+    def add_documents(self, documents: Sequence[Document], *, group: Sequence[Pipeline] = ()) -> None:
+        """Upsert documents: durable in the store first, then added to every index (this pipeline's
+        and those of ``group``, other pipelines over the same index folder).
 
-    def delete_documents(self, doc_ids: Sequence[str]) -> None:
-        """Remove documents: from the store first (the source of truth ``recover`` trusts), then indexes."""
-        self.context.store.delete(doc_ids)
-        for stage in self.iter_stages():
-            stage.delete(doc_ids)
+        All or nothing: when an index refuses them (:class:`DocumentsRefused`) or a disk fails
+        (:class:`~streamrank.store.StorageError`), the store and every index that took them are put
+        back as they were before the error is raised.
+        """
+        documents = list({d.id: d for d in documents}.values())
+        if not documents:
+            return
+        store = self.context.store
+        ids = [d.id for d in documents]
+        previous = store.get_many(ids)
+        _write_or_raise("the document store", lambda: store.upsert(documents))
+        done: list[BaseStage] = []
+        for stage in self._write_stages(group):
+            try:
+                stage.add(documents)
+            except Exception as exc:
+                self._undo_write(ids, previous, [*done, stage])
+                error = _write_error(stage, ids, exc)
+                if error is None:
+                    raise
+                raise error from exc
+            done.append(stage)
+        for member in (self, *group):
+            for doc_id in ids:
+                member.quarantined.pop(doc_id, None)
+
+    def delete_documents(self, doc_ids: Sequence[str], *, group: Sequence[Pipeline] = ()) -> None:
+        """Remove documents: from the store first (the source of truth ``recover`` trusts), then from
+        every index (also ``group``'s). All or nothing, like ``add_documents``."""
+        ids = list(dict.fromkeys(doc_ids))
+        if not ids:
+            return
+        store = self.context.store
+        previous = store.get_many(ids)
+        _write_or_raise("the document store", lambda: store.delete(ids))
+        done: list[BaseStage] = []
+        for stage in self._write_stages(group):
+            try:
+                stage.delete(ids)
+            except Exception as exc:
+                self._undo_write(ids, previous, [*done, stage])
+                error = _write_error(stage, ids, exc)
+                if error is None:
+                    raise
+                raise error from exc
+            done.append(stage)
+        for member in (self, *group):
+            for doc_id in ids:
+                member.quarantined.pop(doc_id, None)
+
+    def _write_stages(self, group: Sequence[Pipeline]) -> list[BaseStage]:
+        seen: set[int] = set()
+        stages: list[BaseStage] = []
+        for member in (self, *group):
+            for stage in member.iter_stages():
+                if id(stage) not in seen:
+                    seen.add(id(stage))
+                    stages.append(stage)
+        return stages
+
+    def _undo_write(self, ids: Sequence[str], previous: dict[str, Document], stages: Sequence[BaseStage]) -> None:
+        """Put ``ids`` back to ``previous`` in the store and in ``stages`` (best effort: what cannot be
+        undone is logged, and the next ``recover`` repairs the indexes from the store)."""
+        try:
+            self.context.store.restore(ids, previous)
+        except Exception as exc:
+            log.error("undoing a failed write: the document store could not be restored: %s", short_message(exc))
+        new = [doc_id for doc_id in ids if doc_id not in previous]
+        for stage in stages:
+            try:
+                stage.delete(new)
+                stage.add(list(previous.values()))
+            except Exception as exc:
+                log.error("undoing a failed write: index %r could not be restored: %s", stage.name, short_message(exc))
 
     def recover(self) -> dict[str, int]:
         """Make every index agree with the store after a crash; returns repaired counts per stage.
 
         The store is the source of truth (a write is durable there before any index sees it).
-        Stages that implement ``indexed_ids()`` get the stored documents they lack re-added and
-        ids the store no longer holds deleted; other stages are left alone.
+        Stages whose ``indexed_ids()`` lists their documents get the stored documents they lack
+        re-added and ids the store no longer holds deleted; other stages (None) are left alone.
+        A document an index refuses is quarantined, not fatal: it stays in the store, is listed in
+        ``quarantined`` (id -> reason) and logged, and the others are re-added. A disk that cannot
+        be written raises StorageError.
         """
         store = self.context.store
         stored = store.ids()
         repaired: dict[str, int] = {}
+        self.quarantined = {}
         for stage in self.iter_stages():
-            indexed_ids = getattr(stage, "indexed_ids", None)
-            if indexed_ids is None:
+            indexed = stage.indexed_ids()
+            if indexed is None:
                 continue
-            have = set(indexed_ids())
+            have = set(indexed)
             missing = [doc_id for doc_id in stored if doc_id not in have]
             extra = sorted(have.difference(stored))
+            added = 0
             if missing:
                 found = store.get_many(missing)
-                stage.add([found[doc_id] for doc_id in missing if doc_id in found])
+                added = self._add_or_quarantine(stage, [found[doc_id] for doc_id in missing if doc_id in found])
             if extra:
-                stage.delete(extra)
-            if missing or extra:
-                repaired[stage.name] = len(missing) + len(extra)
+                _write_or_raise(f"the {stage.name!r} index", lambda: stage.delete(extra))  # noqa: B023
+            if added or extra:
+                repaired[stage.name] = added + len(extra)
         return repaired
+
+    def _add_or_quarantine(self, stage: BaseStage, documents: list[Document]) -> int:
+        """Add ``documents`` to ``stage``; halve a refused batch until the refused documents are
+        alone, and quarantine those. Returns how many were added."""
+        if not documents:
+            return 0
+        try:
+            stage.add(documents)
+            return len(documents)
+        except Exception as exc:
+            error = _write_error(stage, [d.id for d in documents], exc)
+            if not isinstance(error, DocumentsRefused):
+                if error is None:
+                    raise
+                raise error from exc
+            if len(documents) > 1:
+                half = len(documents) // 2
+                return self._add_or_quarantine(stage, documents[:half]) + self._add_or_quarantine(
+                    stage, documents[half:]
+                )
+            doc_id = documents[0].id
+            self.quarantined[doc_id] = f"index {stage.name!r} refused it: {error.reason}"
+            log.error(
+                "pipeline %r: index %r refused document %s at recovery; quarantined (kept in the store, "
+                "not in that index; delete it or replace it): %s", self.name, stage.name, show_id(doc_id), error.reason,
+            )
+            return 0
 
     def close(self) -> None:
         for stage in self.iter_stages():
@@ -220,3 +324,48 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, stages={[s.name for s in self.stages]})"
+
+
+# ---- write errors ----------------------------------------------------------------------------
+class DocumentsRefused(StreamRankError):
+    """An index refused documents (Lucene's limit on an id term, say); nothing of the write was kept."""
+
+    def __init__(self, stage: str, doc_ids: Sequence[str], reason: str) -> None:
+        what = f"document {show_id(doc_ids[0])}" if len(doc_ids) == 1 else f"a write of {len(doc_ids)} documents"
+        super().__init__(f"the {stage!r} index refused {what}: {reason}; nothing was written")
+        self.stage = stage
+        self.doc_ids = list(doc_ids)
+        self.reason = reason
+
+
+def show_id(doc_id: str, limit: int = 60) -> str:
+    """A document id for a message: quoted, shortened when long (with its length in bytes)."""
+    if len(doc_id) <= limit:
+        return repr(doc_id)
+    return f"{doc_id[:limit]!r}... ({len(doc_id.encode('utf-8', 'surrogatepass'))} bytes)"
+
+
+_PROBLEM_TEXT = {"full": "the disk is full", "read_only": "it is read-only", "io": "an I/O error"}
+
+
+def _write_or_raise(where: str, write: Callable[[], object]) -> None:
+    """Run ``write``; a disk problem becomes StorageError naming ``where`` and the reason."""
+    try:
+        write()
+    except Exception as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        raise StorageError(f"{where} cannot be written ({_PROBLEM_TEXT[problem]}): {short_message(exc)}", problem, where) from exc
+
+
+def _write_error(stage: BaseStage, doc_ids: Sequence[str], exc: BaseException) -> StreamRankError | None:
+    """What a failed index write means: StorageError (disk), DocumentsRefused (the index rejects the
+    documents: a ValueError, or Java's IllegalArgumentException), or None (a bug: re-raise as is)."""
+    problem = storage_problem(exc)
+    if problem is not None:
+        where = f"the {stage.name!r} index"
+        return StorageError(f"{where} cannot be written ({_PROBLEM_TEXT[problem]}): {short_message(exc)}", problem, where)
+    if isinstance(exc, ValueError) or getattr(exc, "classname", None) == "java.lang.IllegalArgumentException":
+        return DocumentsRefused(stage.name, doc_ids, short_message(exc))
+    return None

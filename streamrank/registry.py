@@ -13,6 +13,7 @@ STAGE_KINDS: dict[str, str] = {
     "dense": "streamrank.index.dense:DenseRetriever",
     "fusion": "streamrank.index.fusion:FusionStage",
     "ppr": "streamrank.index.ppr:PPRStage",
+    "splade": "streamrank.index.splade:SpladeRetriever",
     # rerankers (rankers/)
     "first": "streamrank.rankers.listwise:SingleTokenListwise",
     "generative_listwise": "streamrank.rankers.generative:GenerativeListwise",

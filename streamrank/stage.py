@@ -1,19 +1,24 @@
-"""The Stage protocol every retriever and reranker implements, and the config base they share.
+"""The stage contract every retriever and reranker implements (:class:`BaseStage`), and the config
+base they share.
 
-A stage takes a batch of rankings (one per query) and returns a batch of rankings. Retrievers
-(``is_retriever = True``) fill an empty ranking from their index; given a ranking that already has
-candidates (a supplied candidate list, or an earlier stage's output) they score exactly those
-candidates instead, so ``dense.toml`` reranks a supplied BM25 top-100. Rerankers always reorder
-what they are given.
+A stage takes a batch of rankings (one per query) and returns a batch of rankings. Retrievers fill
+an empty ranking from their index; given a ranking that already has candidates (a supplied
+candidate list, or an earlier stage's output) they score exactly those candidates instead, so
+``dense.toml`` reranks a supplied BM25 top-100. Rerankers always reorder what they are given.
+
+Every hook the pipeline or another stage calls has a default on :class:`BaseStage`: ``run`` (no
+default: every stage implements it), ``run_top``, ``children``, ``dependencies``, ``build``, ``add``,
+``delete``, ``indexed_ids`` and ``close``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from streamrank.errors import ConfigError
 from streamrank.types import Document, Ranking
 
 if TYPE_CHECKING:
@@ -31,26 +36,15 @@ class StageConfig(BaseModel):
     """How many candidates this stage passes on."""
 
 
-@runtime_checkable
-class Stage(Protocol):
-    """Batch of rankings in, batch of rankings out."""
-
-    name: str
-    is_retriever: bool
-
-    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]: ...
-
-
 class BaseStage:
-    """Convenience base: holds the parsed config and the pipeline context.
+    """The base of every stage: holds the parsed config and the pipeline context.
 
     Stages that keep an index override ``build`` (create it from the corpus), ``add`` and
-    ``delete`` (keep it current without a rebuild). The defaults do nothing, which is right for
-    stages without state.
+    ``delete`` (keep it current without a rebuild) and ``indexed_ids``. The defaults do nothing,
+    which is right for stages without state.
     """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
-    is_retriever: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, context: PipelineContext) -> None:
         self.config = config
@@ -62,6 +56,7 @@ class BaseStage:
         return cls(cls.Config.model_validate(options), context)
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        """Batch of rankings in (one per query), batch of rankings out, in the same order."""
         raise NotImplementedError
 
     def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
@@ -71,6 +66,12 @@ class BaseStage:
         the result's top ``k`` must equal the top ``k`` of ``run``.
         """
         return self.run(rankings)
+
+    @property
+    def children(self) -> Sequence[BaseStage]:
+        """Stages this one runs itself (fusion's retrievers); the pipeline builds, updates and closes
+        them after it."""
+        return ()
 
     def dependencies(self) -> Sequence[BaseStage]:
         """Stages whose indexes this one reads; the pipeline builds, updates and closes them before it."""
@@ -85,8 +86,21 @@ class BaseStage:
     def delete(self, doc_ids: Sequence[str]) -> None:
         """Remove documents from this stage's index (no-op for stateless stages)."""
 
+    def indexed_ids(self) -> list[str] | None:
+        """Ids of every document in this stage's index, for ``Pipeline.recover`` to compare with the
+        store; None (the default) for stages that keep no index of the corpus."""
+        return None
+
     def close(self) -> None:
         """Release files and models."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_unique_names(stages: Iterable[BaseStage], where: str, what: str = "stage") -> None:
+    """Raise ConfigError naming the duplicates unless every stage in ``stages`` has its own name."""
+    names = [stage.name for stage in stages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}: {what} names must be unique; set `name` to tell apart {duplicates}")

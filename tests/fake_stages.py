@@ -14,7 +14,6 @@ from streamrank.types import Candidate, Ranking
 class Overlap(BaseStage):
     """Test retriever: every stored document, scored by words shared with the query."""
 
-    is_retriever = True
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
         docs = list(self.context.store)

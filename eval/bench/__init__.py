@@ -21,11 +21,11 @@ from streamrank.errors import StreamRankError
 from streamrank.registry import import_target
 
 BENCHMARKS: dict[str, str] = {
-    "kernels": "streamrank.kernels.bench:run_kernels_benchmark",
-    "rerank": "streamrank.rankers.bench:run_rerank_benchmark",
-    "ppr": "streamrank.index.bench_ppr:run_ppr_benchmark",
-    "service": "streamrank.service.bench:run_service_benchmark",
-    "soak": "streamrank.service.bench:run_soak_benchmark",
+    "kernels": "streamrank.eval.bench.kernels:run_kernels_benchmark",
+    "rerank": "streamrank.eval.bench.rerank:run_rerank_benchmark",
+    "ppr": "streamrank.eval.bench.ppr:run_ppr_benchmark",
+    "service": "streamrank.eval.bench.service:run_service_benchmark",
+    "soak": "streamrank.eval.bench.soak:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
 }
 

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused low-rank kernels: ``python -m streamrank.eval.bench.kernels_gpu --output DIR``.
 
-Same blocks and table as ``streamrank.kernels.bench`` (MiniLM- and SmolLM2-size attention + FFN at
+Same blocks and table as ``streamrank.eval.bench.kernels`` (MiniLM- and SmolLM2-size attention + FFN at
 sequence 128/512/2048, batch 8 and 32), on CUDA with the Triton backend next to dense, unfused
 low-rank (materialised scores and SDPA) and the streaming torch path. Peak memory is
 ``torch.cuda.max_memory_allocated`` above the level before each forward. Writes ``kernels_gpu.json``.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from streamrank.kernels.bench import (
+from streamrank.eval.bench.kernels import (
     SHAPES,
     _key_mask,
     block_forward,

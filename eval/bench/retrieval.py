@@ -36,7 +36,7 @@ def run_retrieval_benchmark(
 ) -> dict[str, Any]:
     """Per pipeline: documents, index seconds, single and batched queries/s at depth ``k``, single at ``DEEP``."""
     from streamrank.config import load_pipeline
-    from streamrank.eval.datasets import load_dataset
+    from streamrank.datasets import load_dataset
 
     data = load_dataset(dataset)
     documents = list(islice(data.corpus(), QUICK_DOCS if quick else None))

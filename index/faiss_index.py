@@ -1,0 +1,146 @@
+"""FAISS indexes for the dense stage: building one of the configured type, its files, its search
+parameters, a GPU copy, and reusing a sibling index's embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from streamrank.errors import IndexMismatchError
+from streamrank.index import manifest as mf
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from streamrank.index.dense import DenseConfig
+
+log = logging.getLogger("streamrank.index.dense")
+
+
+def new_faiss_index(embeddings: np.ndarray, cfg: DenseConfig, stage: str) -> tuple[Any, dict[str, Any]]:
+    """A FAISS index of ``cfg.index_type`` holding ``embeddings``, plus facts for the manifest."""
+    import faiss
+
+    n, dim = embeddings.shape
+    info: dict[str, Any] = {"built_as": cfg.index_type}
+    if cfg.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+    elif cfg.index_type == "ivfpq" and n >= 2**cfg.pq_bits:
+        if dim % cfg.pq_m:
+            from streamrank.errors import ConfigError
+
+            raise ConfigError(f"dense stage {stage!r}: pq_m = {cfg.pq_m} must divide the dimension {dim}")
+        auto = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        nlist = min(cfg.nlist or auto, n)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
+        recommended = 39 * 2**cfg.pq_bits
+        if n < recommended:  # one line here instead of FAISS's warning per sub-quantizer
+            log.warning("dense stage %r: IVF-PQ trained on %d vectors (FAISS suggests %d)", stage, n, recommended)
+            index.pq.cp.min_points_per_centroid = 1
+            index.cp.min_points_per_centroid = 1
+        index.train(embeddings)
+        info["nlist"] = nlist
+    else:
+        if cfg.index_type == "ivfpq":
+            reason = (
+                f"{n} documents are too few to train IVF-PQ ({2**cfg.pq_bits} needed for pq_bits = "
+                f"{cfg.pq_bits}); built an exact flat index instead"
+            )
+            log.warning("dense stage %r: %s", stage, reason)
+            info.update(built_as="flat", fallback=reason)
+        index = faiss.IndexFlatIP(dim)
+    if n:
+        index.add(embeddings)
+    return index, info
+
+
+def search_parameters(cfg: DenseConfig, built_as: str, depth: int) -> Any:
+    """Search-time parameters for a CPU index built as ``built_as`` (None for flat)."""
+    import faiss
+
+    if built_as == "hnsw":
+        # the configured depth sets the beam, so a shallower request sees the same neighbours
+        return faiss.SearchParametersHNSW(efSearch=max(cfg.ef_search, cfg.k, depth))
+    if built_as == "ivfpq":
+        return faiss.SearchParametersIVF(nprobe=cfg.nprobe)
+    return None
+
+
+def gpu_copy(index: Any, built_as: str, nprobe: int) -> Any | None:
+    """A GPU copy of ``index`` when faiss-gpu sees a GPU (flat and IVF-PQ; HNSW has none), else None."""
+    import faiss
+
+    if built_as == "hnsw" or getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+        return None
+    gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if built_as == "ivfpq":
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
+    return gpu
+
+
+def write_dense_files(folder: Path, index: Any, ids: Sequence[str | None], embeddings: np.ndarray) -> None:
+    """``embeddings.npy``, ``ids.json`` and ``index.faiss``, each replaced atomically."""
+    import faiss
+    import numpy as np
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, embeddings)
+
+    mf.write_atomic(folder / "embeddings.npy", save)
+    mf.write_json_atomic(folder / "ids.json", list(ids))
+    mf.write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def read_dense_files(folder: Path, manifest: dict[str, Any]) -> tuple[Any, list[str | None], np.ndarray]:
+    """The FAISS index, row ids and embeddings in ``folder``; IndexMismatchError when their row counts differ
+    (an interrupted update)."""
+    import faiss
+    import numpy as np
+
+    index = faiss.read_index(str(folder / "index.faiss"))
+    ids = json.loads((folder / "ids.json").read_text())
+    emb = np.load(folder / "embeddings.npy")
+    rows = manifest.get("info", {}).get("rows")
+    if not (len(ids) == emb.shape[0] == index.ntotal == (rows if rows is not None else len(ids))):
+        raise IndexMismatchError(
+            f"the dense index at {folder} is inconsistent (ids {len(ids)}, embeddings {emb.shape[0]}, "
+            f"FAISS rows {index.ntotal}, manifest {rows}): an update was interrupted; {mf.REBUILD_HINT}"
+        )
+    return index, ids, emb
+
+
+def sibling_embeddings(
+    folder: Path, wanted: dict[str, Any], checksum: str | None, ids: Sequence[str]
+) -> tuple[str, np.ndarray] | None:
+    """Embeddings of exactly ``ids`` stored by a sibling of ``folder`` whose settings match ``wanted`` and
+    whose corpus checksum is ``checksum`` (another index_type of the same model, prompt and corpus), so
+    switching index type never re-encodes the corpus; with the sibling's folder name."""
+    import numpy as np
+
+    if checksum is None:
+        return None
+    for path in sorted(folder.parent.glob(f"*/{mf.MANIFEST_NAME}")):
+        sibling = path.parent
+        manifest = mf.read_manifest(sibling) or {}
+        settings = manifest.get("settings", {})
+        if sibling == folder or any(settings.get(k) != v for k, v in wanted.items()):
+            continue
+        if manifest.get("corpus_checksum") != checksum:
+            continue
+        try:
+            if json.loads((sibling / "ids.json").read_text()) != list(ids):
+                continue
+            emb = np.load(sibling / "embeddings.npy")
+        except (OSError, ValueError):
+            continue
+        if emb.shape[0] == len(ids):
+            log.info("dense index %s: reusing the embeddings of %s", folder, sibling)
+            return sibling.name, np.ascontiguousarray(emb, dtype=np.float32)
+    return None

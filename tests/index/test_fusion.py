@@ -1,0 +1,162 @@
+"""Fusion: the pure functions over runs (rrf, minmax, zscore, PPR fusion) and the fusion stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from index_support import HYBRID, search, write_pipeline
+
+from streamrank import registry
+from streamrank.config import load_pipeline
+from streamrank.context import PipelineContext
+from streamrank.errors import ConfigError
+from streamrank.index.base import IndexedRetriever
+from streamrank.index.fusion import FusionStage
+from streamrank.index.scores import fuse, fuse_with_ppr
+from streamrank.models import MINILM
+from streamrank.pipeline import Pipeline
+from streamrank.stage import BaseStage, StageConfig
+from streamrank.types import Candidate, Document, Query, Ranking
+
+
+# ---- fusion --------------------------------------------------------------------------------------
+class FixedConfig(StageConfig):
+    hits: list[tuple[str, float]]
+
+
+class Fixed(BaseStage):
+    """Test retriever: returns a fixed list (or, given a pool, the pool members in that list)."""
+
+    Config = FixedConfig
+
+    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        out = []
+        for r in rankings:
+            hits = dict(self.config.hits)
+            pool = r.candidates or [Candidate(d, 0.0) for d in hits]
+            out.append(r.rescored(self.name, hits, keep=self.config.k, candidates=pool))
+        return out
+
+
+@pytest.fixture
+def fixed_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.STAGE_KINDS, "fixed", f"{__name__}:Fixed")
+
+
+def fusion(options: dict[str, Any]) -> FusionStage:
+    return FusionStage.from_dict({"kind": "fusion", **options}, PipelineContext(None))  # type: ignore[return-value]
+
+
+A = [("a", 9.0), ("b", 5.0), ("c", 1.0)]
+B = [("c", 0.9), ("d", 0.8), ("a", 0.1)]
+
+
+def test_rrf_matches_hand_computation(fixed_kind: None) -> None:
+    stage = fusion(
+        {
+            "retrievers": [
+                {"kind": "fixed", "name": "one", "hits": A},
+                {"kind": "fixed", "name": "two", "hits": B},
+            ]
+        }
+    )
+    ranked = stage.run([Ranking(query=Query("q", "x"))])[0]
+    expected = {"a": 1 / 61 + 1 / 63, "b": 1 / 62, "c": 1 / 63 + 1 / 61, "d": 1 / 62}
+    assert ranked.doc_ids() == ["a", "c", "b", "d"]  # ties broken by doc id, as pyserini
+    for cand in ranked.candidates:
+        assert cand.score == pytest.approx(expected[cand.doc_id])
+        assert cand.stage_scores["fusion"] == pytest.approx(expected[cand.doc_id])
+    by_id = {c.doc_id: c for c in ranked.candidates}
+    assert by_id["a"].stage_scores["one"] == 9.0 and by_id["a"].stage_scores["two"] == 0.1
+    assert "two" not in by_id["b"].stage_scores
+    assert {"one", "two"} <= set(ranked.timings_ms)
+    assert [c.doc_id for c in stage.children[0].run([Ranking(query=Query("q", "x"))])[0].candidates] == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+def test_rrf_k_and_weights() -> None:
+    fused = fuse([A, B], "rrf", rrf_k=0, weights=[2.0, 1.0])
+    assert fused == pytest.approx({"a": 2 / 1 + 1 / 3, "b": 2 / 2, "c": 2 / 3 + 1 / 1, "d": 1 / 2})
+
+
+def test_minmax_and_zscore_by_hand() -> None:
+    minmax = fuse([A, B], "minmax")
+    assert minmax == pytest.approx({"a": 1.0 + 0.0, "b": 0.5, "c": 0.0 + 1.0, "d": 0.875})
+    za = {"a": 1.2247449, "b": 0.0, "c": -1.2247449}  # (s - mean) / population std
+    zb = dict(zip("cda", np.array([0.9, 0.8, 0.1]) - 0.6, strict=True))
+    zb = {k: v / float(np.std([0.9, 0.8, 0.1])) for k, v in zb.items()}
+    z = fuse([A, B], "zscore")
+    assert z["a"] == pytest.approx(za["a"] + zb["a"])
+    assert z["b"] == pytest.approx(za["b"] + min(zb.values()))  # missing: the run's lowest z
+    assert z["d"] == pytest.approx(min(za.values()) + zb["d"])
+
+
+def test_fusion_scores_a_supplied_pool_only(fixed_kind: None) -> None:
+    stage = fusion(
+        {
+            "retrievers": [
+                {"kind": "fixed", "name": "one", "hits": A},
+                {"kind": "fixed", "name": "two", "hits": B},
+            ]
+        }
+    )
+    pool = [Candidate("b", 0.0), Candidate("d", 0.0)]
+    ranked = stage.run([Ranking(query=Query("q", "x"), candidates=pool)])[0]
+    assert sorted(ranked.doc_ids()) == ["b", "d"]
+
+
+def test_fusion_config_errors(fixed_kind: None) -> None:
+    with pytest.raises(ConfigError, match="2 weights for 1 retrievers"):
+        fusion({"retrievers": [{"kind": "fixed", "hits": A}], "weights": [1, 2]})
+    with pytest.raises(ConfigError, match="unique"):
+        fusion({"retrievers": [{"kind": "fixed", "hits": A}, {"kind": "fixed", "hits": B}]})
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        fusion({"retrievers": [{"kind": "fixed", "hits": A, "nope": 1}]})
+
+
+def test_hybrid_pipeline_fuses_bm25_and_dense(
+    copy_dir: Path, tmp_path: Path, minilm: Any, docs: list[Document]
+) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path, HYBRID), index_dir=copy_dir)
+    pipeline.context.shared(("sentence-encoder", MINILM), lambda: minilm)
+    assert [s.name for s in pipeline.iter_stages()] == ["fusion", "bm25", "dense"]
+    ranking = pipeline.search(docs[30].title, k=10)
+    assert ranking.candidates[0].doc_id == docs[30].id
+    assert {"fusion", "bm25", "dense"} <= set(ranking.timings_ms)
+    bm = {
+        c.doc_id: r
+        for r, c in enumerate(search(pipeline.stages[0].children[0], docs[30].title)[0].candidates, 1)
+    }
+    de = {
+        c.doc_id: r
+        for r, c in enumerate(search(pipeline.stages[0].children[1], docs[30].title)[0].candidates, 1)
+    }
+    for cand in ranking.candidates:
+        expected = sum(1 / (60 + ranks[cand.doc_id]) for ranks in (bm, de) if cand.doc_id in ranks)
+        assert cand.score == pytest.approx(expected)
+    pipeline.close()
+
+
+def test_shipped_configs_load(tmp_path: Path) -> None:
+    for name in ("bm25", "dense", "hybrid"):
+        pipeline = load_pipeline(name, index_dir=tmp_path / name)
+        assert isinstance(pipeline, Pipeline)
+        assert isinstance(pipeline.stages[0], IndexedRetriever | FusionStage)  # a retriever first
+
+
+def test_fusion_methods() -> None:
+    rank = np.array([1.0, 2.0, np.nan])
+    score = np.array([0.9, 0.5, np.nan])
+    ppr = np.array([0.01, 0.2, 0.1])
+    rrf = fuse_with_ppr(rank, score, ppr, method="rrf", weight=0.5)
+    assert rrf[1] > rrf[0] > rrf[2] > 0
+    assert list(fuse_with_ppr(rank, score, ppr, method="ppr_only", weight=0.5)) == list(ppr)
+    interp = fuse_with_ppr(rank, score, ppr, method="interpolate", weight=0.0)
+    assert list(interp) == [1.0, 0.0, 0.0]
