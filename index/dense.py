@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from streamrank.encoding import Role, SentenceEncoding
 from streamrank.errors import IndexMismatchError
 from streamrank.index import manifest as mf
 from streamrank.index.base import IndexedConfig, IndexedRetriever
@@ -134,20 +135,24 @@ class DenseRetriever(IndexedRetriever):
 
     # ---- encoding -----------------------------------------------------------------------------
     @property
+    def encoding(self) -> SentenceEncoding:
+        cfg = self.config
+        lowrank = json.dumps(cfg.lowrank, sort_keys=True) if cfg.lowrank is not None else None
+        return SentenceEncoding(
+            self.context,
+            cfg.model,
+            dtype=cfg.dtype,
+            batch_size=cfg.batch_size,
+            use_model_prompts=cfg.use_model_prompts,
+            prefixes={"query": cfg.query_prefix, "document": cfg.document_prefix},
+            variant=lowrank,
+            loader=self._lowrank_encoder if lowrank is not None else None,
+        )
+
+    @property
     def encoder(self) -> Any:
-        if self.config.lowrank is None:
-            return self.context.sentence_encoder(self.config.model, self.config.dtype)
-        key = ("sentence-encoder", self.config.model, self.config.dtype, json.dumps(self.config.lowrank, sort_keys=True))
-        return self.context.shared(key, self._lowrank_encoder)
-
-    def prompt(self, role: Literal["query", "document"]) -> str:
-        """Text put before every query or document: the configured prefix, else the model's own prompt."""
-        from streamrank.models import model_prompts
-
-        prefix = self.config.query_prefix if role == "query" else self.config.document_prefix
-        if prefix or not self.config.use_model_prompts:
-            return prefix
-        return model_prompts(self.config.model).get(role, "")
+        """The sentence-transformers model (a private low-rank copy when ``lowrank`` is set)."""
+        return self.encoding.model
 
     def _lowrank_encoder(self) -> Any:
         """A private copy of the encoder, SVD-compressed (the shared uncompressed one stays as it is)."""
@@ -158,15 +163,9 @@ class DenseRetriever(IndexedRetriever):
         LowRankSettings.from_dict(self.config.lowrank or {}).apply(encoder)
         return encoder
 
-    def _encode(
-        self, texts: Sequence[str], role: Literal["query", "document"], checkpoint: Path | None = None
-    ) -> np.ndarray:
-        from streamrank.models import encode_sentences
-
+    def _encode(self, texts: Sequence[str], role: Role, checkpoint: Path | None = None) -> np.ndarray:
         progress = len(texts) >= SHOW_PROGRESS_FROM
-        return encode_sentences(
-            self.encoder, texts, self.config.batch_size, progress, prompt=self.prompt(role), checkpoint=checkpoint
-        )
+        return self.encoding.encode(texts, role, progress=progress, checkpoint=checkpoint)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 query embeddings, shape (len(texts), dim)."""
@@ -205,6 +204,13 @@ class DenseRetriever(IndexedRetriever):
             out[missing] = self.encode_documents([found[doc_ids[n]] for n in missing])
         return out
 
+    def stored_vectors(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored embeddings of those of ``doc_ids`` the index holds (none when there is no index)."""
+        if not self._try_open():
+            return {}
+        with self.lock:
+            return {i: self._emb[self._row_of[i]] for i in doc_ids if i in self._row_of}
+
     # ---- index settings and files -------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -215,7 +221,7 @@ class DenseRetriever(IndexedRetriever):
             "document_prefix": cfg.document_prefix,
             "index_type": cfg.index_type,
         }
-        document_prompt = self.prompt("document")
+        document_prompt = self.encoding.prompt("document")
         if document_prompt != cfg.document_prefix:  # the model's own prompt (absent for models without one)
             settings["document_prompt"] = document_prompt
         if cfg.dtype != "float32":
@@ -388,63 +394,6 @@ class DenseRetriever(IndexedRetriever):
         return results
 
     def _score_pool(self, rankings: Sequence[Ranking], prepared: np.ndarray) -> list[list[float]]:
-        """Cosine of each supplied candidate with its query.
+        from streamrank.index.dense_pool import score_supplied_pool
 
-        A candidate's text is its ``document.contents`` (encoded, identical texts once per batch);
-        without a document, the stored embedding of its id, else the store's text. A candidate
-        with no text anywhere scores -1 (the lowest cosine) and the ranking gets a note.
-        """
-        import numpy as np
-
-        has_index = self._try_open()
-        need_text = [
-            c.doc_id
-            for r in rankings
-            for c in r.candidates
-            if c.document is None and not (has_index and c.doc_id in self._row_of)
-        ]
-        stored = self.context.store.get_many(need_text) if need_text and self.context.index_dir else {}
-        texts: dict[str, int] = {}  # text -> position in the batch to encode
-        vectors: dict[str, np.ndarray] = {}  # doc id -> stored embedding
-        plan: list[list[tuple[str, Any]]] = []
-        with self.lock:
-            for r in rankings:
-                items: list[tuple[str, Any]] = []
-                for c in r.candidates:
-                    doc = c.document or stored.get(c.doc_id)
-                    if c.document is None and has_index and c.doc_id in self._row_of:
-                        if c.doc_id not in vectors:
-                            vectors[c.doc_id] = self._emb[self._row_of[c.doc_id]]
-                        items.append(("stored", c.doc_id))
-                    elif doc is not None:
-                        text = doc.contents
-                        items.append(("text", texts.setdefault(text, len(texts))))
-                    else:
-                        items.append(("none", None))
-                plan.append(items)
-        started = time.perf_counter()
-        encoded = self._encode(list(texts), "document") if texts else None
-        encode_s = time.perf_counter() - started
-        results = []
-        for r, qvec, items in zip(rankings, prepared, plan, strict=True):
-            scores = []
-            for kind, ref in items:
-                if kind == "stored":
-                    scores.append(float(np.dot(vectors[ref], qvec)))
-                elif kind == "text":
-                    scores.append(float(np.dot(encoded[ref], qvec)))
-                else:
-                    scores.append(-1.0)
-            if any(kind == "none" for kind, _ in items):
-                r.notes.append(f"{self.name}: some supplied candidates have no text anywhere; scored -1")
-            if texts:
-                r.calls.append(
-                    ModelCall(
-                        self.name,
-                        self.config.model,
-                        seconds=encode_s / len(rankings),
-                        note="passage embeddings",
-                    )
-                )
-            results.append(scores)
-        return results
+        return score_supplied_pool(self, rankings, prepared)

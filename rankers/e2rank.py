@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from streamrank.encoding import Role, SentenceEncoding
 from streamrank.errors import IndexMissingError
 from streamrank.models import MINILM
 from streamrank.rankers.base import Reranker
@@ -171,23 +172,21 @@ class EmbeddingListwise(Reranker):
     documents_label: ClassVar[str | None] = "reranker"
 
     @property
+    def encoding(self) -> SentenceEncoding:
+        cfg = self.config
+        return SentenceEncoding(
+            self.context, cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size, use_model_prompts=cfg.use_model_prompts
+        )
+
+    @property
     def encoder(self) -> Any:
-        return self.context.sentence_encoder(self.config.model, self.config.dtype)
-
-    def prompt(self, role: Literal["query", "document"]) -> str:
-        """The encoder's own prompt for ``role`` ("" when it has none or prompts are off)."""
-        from streamrank.models import model_prompts
-
-        return model_prompts(self.config.model).get(role, "") if self.config.use_model_prompts else ""
+        return self.encoding.model
 
     def max_tokens(self) -> int:
         """Tokens the pseudo-query may take: the encoder's limit (or ``max_length``) less its query prompt."""
         limit = self.encoder.max_seq_length
         limit = min(limit, self.config.max_length) if self.config.max_length else limit
-        prompt = self.prompt("query")
-        if prompt:
-            limit -= len(self.encoder.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
-        return limit
+        return limit - self.encoding.prompt_tokens("query")
 
     def pseudo_query(self, query: str, passages: Sequence[str]) -> PseudoQuery:
         """The prompt this stage embeds for ``query`` given the ranked ``passages`` (top first)."""
@@ -199,10 +198,8 @@ class EmbeddingListwise(Reranker):
             max_tokens=self.max_tokens(),
         )
 
-    def _encode(self, texts: Sequence[str], role: Literal["query", "document"]) -> np.ndarray:
-        from streamrank.models import encode_sentences
-
-        return encode_sentences(self.encoder, texts, self.config.batch_size, prompt=self.prompt(role))
+    def _encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
+        return self.encoding.encode(texts, role)
 
     def _dense_index(self) -> Any | None:
         """The dense stage of this pipeline with the same model, if one registered itself."""
@@ -217,7 +214,7 @@ class EmbeddingListwise(Reranker):
             for r, pool in zip(rankings, texts, strict=True)
             for c, t in zip(r.candidates, pool, strict=False)
         }
-        key = ("text-embeddings", self.config.model, self.config.dtype, self.prompt("document"))
+        key = ("text-embeddings", self.config.model, self.config.dtype, self.encoding.prompt("document"))
         cache = self.context.shared(key, VectorCache)
         found = cache.get_many(wanted)
         missing = [t for t in wanted if t not in found]
