@@ -41,7 +41,7 @@ def score_supplied_pool(stage: DenseRetriever, rankings: Sequence[Ranking], prep
                 items.append(("none", None))
         plan.append(items)
     started = time.perf_counter()
-    encoded = stage.encoding.encode(list(texts), "document") if texts else None
+    encoded = stage.encoding.encode_cached(list(texts), "document")[0] if texts else None
     encode_s = time.perf_counter() - started
     results = []
     for r, qvec, items in zip(rankings, prepared, plan, strict=True):

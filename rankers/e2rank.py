@@ -25,10 +25,8 @@ the dense stage does; its tokens are reserved before the passages are fitted.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -120,30 +118,6 @@ def build_pseudo_query(
     return fit(with_passages, max_tokens - count(render_prompt(instruction, query, [""] * n)))
 
 
-class VectorCache:
-    """Thread-safe LRU map text -> unit vector; one per model, shared by the stages of a pipeline."""
-
-    def __init__(self, size: int = 50_000) -> None:
-        self.size = size
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_many(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
-        with self._lock:
-            found = {t: self._items[t] for t in texts if t in self._items}
-            for t in found:
-                self._items.move_to_end(t)
-            return found
-
-    def put_many(self, vectors: Mapping[str, np.ndarray]) -> None:
-        with self._lock:
-            self._items.update(vectors)
-            for t in vectors:
-                self._items.move_to_end(t)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-
 class EmbeddingListwiseConfig(StageConfig):
     model: str = MINILM
     """Sentence-transformers model for prompt and documents (the dense stage's, so stored vectors are reused)."""
@@ -214,8 +188,7 @@ class EmbeddingListwise(Reranker):
             for r, pool in zip(rankings, texts, strict=True)
             for c, t in zip(r.candidates, pool, strict=False)
         }
-        key = ("text-embeddings", self.config.model, self.config.dtype, self.encoding.prompt("document"))
-        cache = self.context.shared(key, VectorCache)
+        cache = self.encoding.cache("document")
         found = cache.get_many(wanted)
         missing = [t for t in wanted if t not in found]
         dense = self._dense_index() if missing and self.context.index_dir is not None else None

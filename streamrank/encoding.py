@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,6 +14,30 @@ if TYPE_CHECKING:
     from streamrank.context import PipelineContext
 
 Role = Literal["query", "document"]
+
+
+class VectorCache:
+    """Thread-safe LRU map text -> unit vector; one per model, shared by the stages of a pipeline."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            found = {t: self._items[t] for t in texts if t in self._items}
+            for t in found:
+                self._items.move_to_end(t)
+            return found
+
+    def put_many(self, vectors: Mapping[str, np.ndarray]) -> None:
+        with self._lock:
+            self._items.update(vectors)
+            for t in vectors:
+                self._items.move_to_end(t)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 class SentenceEncoding:
@@ -62,6 +88,27 @@ class SentenceEncoding:
         if not prompt:
             return 0
         return len(self.model.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def cache(self, role: Role) -> VectorCache:
+        """The pipeline's text -> vector cache for this model, dtype and role prompt (shared by the stages:
+        the dense stage's supplied-pool scoring fills it, E2Rank reads it)."""
+        key = ("text-embeddings", self.name, self.dtype, self.variant, self.prompt(role))
+        return self.context.shared(key, VectorCache)
+
+    def encode_cached(self, texts: Sequence[str], role: Role) -> tuple[np.ndarray, int]:
+        """Like :meth:`encode`, reusing vectors of texts seen before; also how many texts were encoded."""
+        import numpy as np
+
+        cache = self.cache(role)
+        found = cache.get_many(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        if missing:
+            fresh = dict(zip(missing, self.encode(missing, role), strict=True))
+            cache.put_many(fresh)
+            found.update(fresh)
+        if not texts:
+            return np.empty((0, self.model.get_embedding_dimension()), dtype=np.float32), 0
+        return np.stack([found[t] for t in texts]), len(missing)
 
     def encode(
         self, texts: Sequence[str], role: Role, *, progress: bool = False, checkpoint: Path | None = None
