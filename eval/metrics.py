@@ -76,3 +76,33 @@ def mean_metrics(per_query: Mapping[str, Mapping[str, float]], measures: Sequenc
 def evaluate_run(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
     """Mean of each measure over the queries of ``qrels`` (pass only the queries you evaluated)."""
     return mean_metrics(per_query_metrics(run, qrels, measures), measures)
+
+
+def paired_comparison(
+    per_query_a: Mapping[str, Mapping[str, float]],
+    per_query_b: Mapping[str, Mapping[str, float]],
+    measure: str = "nDCG@10",
+) -> dict[str, float]:
+    """``b - a`` over the queries both runs scored: mean difference, its standard error, a paired t-test's
+    two-sided p, and how many queries went up, down or stayed."""
+    import numpy as np
+    from scipy.stats import ttest_rel
+
+    shared = sorted(set(per_query_a) & set(per_query_b))
+    if not shared:
+        raise ValueError("the two runs share no query")
+    a = np.array([per_query_a[q][measure] for q in shared])
+    b = np.array([per_query_b[q][measure] for q in shared])
+    diff = b - a
+    p = float(ttest_rel(b, a).pvalue) if len(shared) > 1 and diff.any() else 1.0
+    return {
+        "queries": len(shared),
+        "a": float(a.mean()),
+        "b": float(b.mean()),
+        "difference": float(diff.mean()),
+        "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0,
+        "p": p,
+        "up": int((diff > 0).sum()),
+        "down": int((diff < 0).sum()),
+        "same": int((diff == 0).sum()),
+    }

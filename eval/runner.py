@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from streamrank.errors import ConfigError, StreamRankError
 from streamrank.datasets import Dataset, load_candidates, load_dataset, slug
-from streamrank.eval.metrics import default_measures, mean_metrics, measure_name, per_query_metrics
 from streamrank.datasets.trec import RunList, ranked_scores, write_trec_run
+from streamrank.errors import ConfigError, StreamRankError
+from streamrank.eval.metrics import default_measures, mean_metrics, measure_name, per_query_metrics
 from streamrank.types import Candidate, Query, Ranking
 
 if TYPE_CHECKING:

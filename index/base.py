@@ -254,6 +254,8 @@ class IndexedStage(BaseStage):
 class IndexedRetriever(IndexedStage):
     """Base for retrievers with an index: searches it for empty rankings, rescores supplied pools."""
 
+    shardable = True  # `shards = N` in a pipeline: one index per shard (streamrank.index.sharded_stage)
+
     # ---- what subclasses provide --------------------------------------------------------------
     def _prepare(self, rankings: Sequence[Ranking]) -> Any:
         """Work shared by both halves of a batch (dense: encode every query once)."""

@@ -1,24 +1,16 @@
 """Dense retrieval: a sentence-transformers encoder and a FAISS index over normalised embeddings.
 
-``index_type``:
+``index_type``: ``flat`` (default, exact inner product = cosine), ``hnsw`` (``IndexHNSWFlat``;
+``hnsw_m``, ``ef_construction``, ``ef_search`` at query time) or ``ivfpq`` (``IndexIVFPQ`` trained on the
+corpus; ``nlist`` default about ``min(4*sqrt(n), n/39)``, ``pq_m`` x ``pq_bits``, ``nprobe`` at query
+time; a corpus too small to train PQ gets ``flat``, said in the warning and ``info.built_as``). The FAISS
+index runs on a GPU when faiss-gpu sees one (flat and ivfpq).
 
-- ``flat`` (default): exact inner product (= cosine, the embeddings are normalised);
-- ``hnsw``: ``IndexHNSWFlat`` with inner product (``hnsw_m``, ``ef_construction``; ``ef_search`` at
-  query time);
-- ``ivfpq``: ``IndexIVFPQ`` trained on the corpus embeddings (``nlist``, default about
-  ``min(4*sqrt(n), n/39)``; ``pq_m`` sub-quantizers of ``pq_bits`` bits; ``nprobe`` at query time).
-  A corpus with fewer documents than PQ needs for training (``2**pq_bits``) gets an exact ``flat``
-  index instead; the warning and ``info.built_as`` in the manifest say so.
-
-The FAISS index runs on a GPU when faiss-gpu sees one (flat and ivfpq; HNSW has no GPU version).
-
-``<index_dir>/dense`` holds ``index.faiss``, ``ids.json`` (row -> doc id, ``null`` for a row whose
-document was replaced or deleted), ``embeddings.npy`` (float32, one row per FAISS row, read by
-other stages through :meth:`DenseRetriever.embeddings_for`) and ``manifest.json``. Every file is
-replaced atomically and the manifest last; row counts are checked on open, so an interrupted update
-is reported instead of searched. Additions encode only the new documents and append rows; a
-replaced or deleted document's row is masked (searches go deeper to still return ``k``), and the
-FAISS index is rebuilt from the stored embeddings (no encoding) once a quarter of its rows are masked.
+``<index_dir>/dense`` holds ``index.faiss``, ``ids.json`` (row -> doc id, ``null`` for a replaced or
+deleted row), ``embeddings.npy`` (float32, read by other stages through :meth:`DenseRetriever.embeddings_for`)
+and ``manifest.json``, each replaced atomically, the manifest last; row counts are checked on open, so an
+interrupted update is reported instead of searched. Additions encode only the new documents and append
+rows; masked rows are dropped (FAISS rebuilt from the stored vectors) once they are a quarter of the index.
 
 Texts get the model's own sentence-transformers prompts (EmbeddingGemma's ``task: search result |
 query: `` and ``title: none | text: ``) unless a prefix is configured. A build saves its encoding
@@ -31,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,7 +44,7 @@ log = logging.getLogger(__name__)
 
 COMPACT_FRACTION = 0.25
 """Rebuild the FAISS index from stored embeddings once this share of its rows is masked."""
-REUSE_KEYS = ("kind", "model", "normalized", "document_prefix", "document_prompt", "dtype")
+REUSE_KEYS = ("kind", "model", "normalized", "document_prefix", "document_prompt", "dtype", "lowrank")
 """Settings under which a sibling dense index's stored embeddings are this index's embeddings."""
 SHOW_PROGRESS_FROM = 1000
 """Show a progress bar when encoding at least this many documents."""
@@ -130,6 +123,7 @@ class DenseRetriever(IndexedRetriever):
         self._row_of: dict[str, int] = {}
         self._emb: np.ndarray | None = None
         self._built_as = config.index_type
+        self._supplied: Mapping[str, np.ndarray] | None = None  # see supply_embeddings
         if context is not None:  # let other stages of the pipeline (E2Rank) find the stored vectors
             context.register_dense(config.model, self)
 
@@ -268,11 +262,13 @@ class DenseRetriever(IndexedRetriever):
 
     def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
         started = time.perf_counter()
-        from streamrank.index.faiss_index import sibling_embeddings
+        from streamrank.index.faiss_index import sibling_embeddings, supplied_rows
 
         settings = self.settings()
         wanted = {k: settings.get(k) for k in REUSE_KEYS}
-        reused = sibling_embeddings(self.folder, wanted, self._build_checksum, [d.id for d in documents])
+        reused = supplied_rows(self._supplied, documents, "supplied") or sibling_embeddings(
+            self.folder, wanted, self._build_checksum, [d.id for d in documents]
+        )
         if reused is not None:
             source, emb = reused
         else:
@@ -299,8 +295,21 @@ class DenseRetriever(IndexedRetriever):
         self._ids, self._row_of = [], {}
 
     # ---- updates ------------------------------------------------------------------------------
+    @contextmanager
+    def supply_embeddings(self, vectors: Mapping[str, np.ndarray]) -> Iterator[None]:
+        """Inside the block, builds and additions take these vectors (doc id -> embedding: a sharded
+        build's, or Ray Data's) instead of encoding, when every document has one."""
+        self._supplied = vectors
+        try:
+            yield
+        finally:
+            self._supplied = None
+
     def _prepare_add(self, documents: Sequence[Document]) -> np.ndarray:
-        return self.encode_documents(documents)
+        from streamrank.index.faiss_index import supplied_rows
+
+        supplied = supplied_rows(self._supplied, documents)
+        return supplied[1] if supplied is not None else self.encode_documents(documents)
 
     def _add(self, documents: Sequence[Document], new: np.ndarray | None = None) -> dict[str, Any]:
         import numpy as np

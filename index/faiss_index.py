@@ -1,12 +1,12 @@
 """FAISS indexes for the dense stage: building one of the configured type, its files, its search
-parameters, a GPU copy, and reusing a sibling index's embeddings."""
+parameters, a GPU copy, and reusing a sibling index's (or supplied) embeddings."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from streamrank.index.dense import DenseConfig
+    from streamrank.types import Document
 
 log = logging.getLogger("streamrank.index.dense")
 
@@ -144,3 +145,14 @@ def sibling_embeddings(
             log.info("dense index %s: reusing the embeddings of %s", folder, sibling)
             return sibling.name, np.ascontiguousarray(emb, dtype=np.float32)
     return None
+
+
+def supplied_rows(
+    vectors: Mapping[str, np.ndarray] | None, documents: Sequence[Document], source: str = "supplied"
+) -> tuple[str, np.ndarray] | None:
+    """(``source``, the rows of ``vectors`` for ``documents`` in order) when every document has one, else None."""
+    import numpy as np
+
+    if vectors is None or not documents or any(d.id not in vectors for d in documents):
+        return None
+    return source, np.ascontiguousarray(np.stack([vectors[d.id] for d in documents]), dtype=np.float32)

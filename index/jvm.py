@@ -57,7 +57,9 @@ def ensure_jvm(max_heap: str | None = None) -> None:
             os.environ["JVM_PATH"] = str(home / "lib" / "server" / "libjvm.so")
             jnius_config.set_classpath(str(anserini_jar()))
             heap = max_heap or os.environ.get("STREAMRANK_JVM_HEAP")
-            opts = [f"-Xmx{heap}"] if heap else []
+            # -Xrs: the VM installs no SIGTERM/SIGINT/SIGHUP handlers, so Python (uvicorn's graceful
+            # shutdown, KeyboardInterrupt) keeps them; without it a SIGTERM ends the process at once.
+            opts = ["-Xrs", *([f"-Xmx{heap}"] if heap else [])]
             jnius_config.set_options(*opts)
         import jnius  # starts the VM on first import
 

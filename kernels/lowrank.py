@@ -10,10 +10,11 @@ patches the modules so their forward runs the chosen backend:
   low-rank FFN, followed by the layer's own dropout, residual and LayerNorm; the self-attention
   module computes its context with the fused low-rank attention (Q/K/V rebuilt in tiles, online
   softmax), then ``attention.output`` applies its dense/dropout/residual/LayerNorm as before;
-- Llama layers: the SiLU-gated MLP runs as one fused low-rank FFN. Attention keeps the model's own
-  attention (SDPA by default) over Q/K/V from the low-rank linear layers: RoPE and the KV cache
-  (prefix reuse by the LLM rankers) act on full Q/K after the projections, so the fused attention
-  kernel is used for BERT-style encoders only.
+- Llama layers: the SiLU-gated MLP runs as one fused low-rank FFN; the attention
+  (:class:`streamrank.kernels.decoder.FusedLlamaAttention`) runs the fused decoder attention over
+  rank-space Q/K/V with RoPE applied to the rebuilt tiles, and reads/writes a rank-space KV cache
+  (:class:`streamrank.kernels.decoder.RankSpaceCache`: ``x V_k^T`` and ``x V_v^T`` per token). With a
+  dense transformers cache (``generate()`` without one of ours) it falls back to the model's attention.
 
 Patching swaps the module's class for a subclass that overrides one method (``forward`` or
 ``feed_forward_chunk``), so parameter names, ``isinstance`` checks and ``state_dict`` stay as in the
@@ -27,15 +28,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import ops
+from . import decoder, ops
 from .calibrate import DEFAULT_SIZE, collect_grams, load_texts
-from .reference import allowed_keys
-from .svd import DAMPING, METHODS, LowRankLinear, compress_model, lowrank_layers
+from .reference import key_mask_from_hf
+from .svd import DAMPING, METHODS, RANKS_FILE, LowRankLinear, compress_model, load_compressed, lowrank_layers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ class LowRankSettings:
     calibration texts (:func:`streamrank.kernels.calibrate.load_texts`: ``"auto"`` for SciFact passages,
     a dataset name, or a file), of which the first ``calibration_size`` are used, e.g.
     ``lowrank = {ratio = 0.6, calibration = "auto"}``.
+
+    ``factors`` names a folder of stored factors (``streamrank compress --output DIR``, or
+    :func:`streamrank.kernels.svd.save_compressed`): they are loaded onto the dense model as they are
+    (no decomposition, no calibration; the other settings but ``backend`` are ignored), e.g.
+    ``lowrank = {factors = "models/minilm-60-healed"}``.
     """
 
     ratio: float | None = 0.5
@@ -68,9 +75,17 @@ class LowRankSettings:
     method: str | None = None
     calibration: str | None = None
     calibration_size: int = DEFAULT_SIZE
+    factors: str | None = None
 
     def __post_init__(self) -> None:
         ops.check_backend(self.backend)
+        if self.factors is not None:
+            if not (Path(self.factors).expanduser() / RANKS_FILE).is_file():
+                raise ValueError(
+                    f"lowrank factors: {self.factors!r} has no {RANKS_FILE} (streamrank compress writes one)"
+                )
+            object.__setattr__(self, "method", self.method or "svd")
+            return
         if self.ratio is None and self.energy is None:
             raise ValueError("lowrank needs ratio or energy")
         if self.ratio is not None and not 0 < self.ratio:
@@ -104,8 +119,13 @@ class LowRankSettings:
 
         For ``"whitened"`` the calibration texts are ``texts`` if given, else read from ``calibration``;
         ``tokenizer`` is needed unless ``model`` is a SentenceTransformer. A model that is already
-        compressed only switches backend (nothing is read).
+        compressed only switches backend (nothing is read). With ``factors`` the stored factors are
+        loaded instead (names relative to ``model``: save and load the same kind of root).
         """
+        if self.factors is not None:
+            if not lowrank_layers(model):
+                load_compressed(model, Path(self.factors).expanduser())
+            return set_backend(model, self.backend)
         if self.method == "whitened" and texts is None and not lowrank_layers(model):
             if self.calibration is None:
                 raise ValueError("lowrank method 'whitened' needs calibration texts: set calibration")
@@ -186,6 +206,12 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         elif _is_gated_mlp(module):
             act = _activation(module.config, module)
             _patch(module, _FusedGatedMLP, backend if act else "unfused", lowrank_activation=act)
+        rotary = decoder.rotary_of(module)
+        if rotary is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            for layer in module.layers:
+                attn = getattr(layer, "self_attn", None)
+                if attn is not None and decoder.supports(attn, rotary):
+                    _patch(attn, decoder.FusedLlamaAttention, backend, lowrank_rope=(rotary,))
     return model
 
 
@@ -246,26 +272,6 @@ def _patch(module: nn.Module, mixin: type, backend: str, **attrs: Any) -> None:
     module.lowrank_backend = backend
     for key, value in attrs.items():
         setattr(module, key, value)
-
-
-def key_mask_from_hf(attention_mask: Any, causal: bool) -> tuple[bool, torch.Tensor | None]:
-    """Reduce a Hugging Face 4-D attention mask to a ``[B, S_k]`` key padding mask.
-
-    Returns ``(ok, key_mask)``; ``ok`` is False when the mask is more than key padding (plus the
-    causal triangle when ``causal``), in which case the caller must use the original attention.
-    """
-    if attention_mask is None:
-        return True, None
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        return False, None
-    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    key_mask = keep[:, 0, -1, :]  # the last query row sees every key that is not padding
-    q_len, k_len = keep.shape[-2:]
-    pos = torch.arange(k_len, device=keep.device)
-    expected = allowed_keys(key_mask, causal, pos[k_len - q_len :], pos)
-    if not torch.equal(keep, expected.expand_as(keep)):
-        return False, None
-    return True, key_mask
 
 
 class _FusedBertSelfAttention(nn.Module):

@@ -7,13 +7,17 @@ functions as this module; tests compare against it. Conventions:
   ``V: [r, in]``; ``y = (x V^T) U^T + b``. ``x V^T`` is the *rank-space* activation.
 - attention inputs/outputs are ``[batch, seq, heads * head_dim]`` (head-major last dim, as in
   Hugging Face models); ``key_mask`` is ``[batch, seq_k]`` bool, True where a key may be attended.
+- decoder attention (:func:`rank_space_attention`) reads rank-space Q/K/V (``x V^T``, what the
+  rank-space KV cache holds), rebuilds them with ``U`` and applies rotary positions (:class:`Rope`,
+  the ``rotate_half`` layout of the Llama family) to the rebuilt Q and K. With ``seq_q < seq_k`` the
+  queries are the *last* ``seq_q`` keys (a continuation after a cache): causality is bottom-right aligned.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "relu": F.relu,
 }
+
+
+class Rope(NamedTuple):
+    """Rotary position embedding: angle ``position * inv_freq`` (``[head_dim / 2]``), cos/sin times ``scaling``."""
+
+    inv_freq: torch.Tensor
+    scaling: float = 1.0
 
 
 class Factors(NamedTuple):
@@ -158,3 +169,85 @@ def lowrank_attention(
         causal,
         scale,
     )
+
+
+def rope_tables(positions: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[B, S, head_dim]`` (float32) for integer ``positions`` ``[B, S]``."""
+    angle = positions[..., None].float() * rope.inv_freq.to(positions.device, torch.float32)
+    emb = torch.cat([angle, angle], dim=-1)
+    return emb.cos() * rope.scaling, emb.sin() * rope.scaling
+
+
+def apply_rope(t: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate ``t`` (``[B, H, S, D]``) to ``positions`` (``[B, S]``), ``rotate_half`` layout, in float32."""
+    cos, sin = rope_tables(positions, rope)
+    cos, sin = cos[:, None], sin[:, None]
+    t = t.float()
+    half = t.shape[-1] // 2
+    return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
+
+def default_positions(batch: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Positions ``start .. stop-1`` for every row: ``[batch, stop - start]``."""
+    return torch.arange(start, stop, device=device).expand(batch, -1)
+
+
+def rank_space_attention(
+    pq: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    q: Factors,
+    k: Factors,
+    v: Factors,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    rope: Rope | None = None,
+) -> torch.Tensor:
+    """Attention context ``[B, S_q, H*D]`` from rank-space ``pq [B, S_q, r_q]``, ``pk/pv [B, S_k, r]``.
+
+    Q/K/V are rebuilt in full (``p U^T + b``), Q and K rotated to ``q_pos`` / ``k_pos`` (``[B, S]``
+    integer positions; default: the key indices, the queries being the last ``S_q`` of them) when
+    ``rope`` is given. ``key_mask`` is ``[B, S_k]``; computed in float32, returned in ``pq``'s dtype.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    groups = num_heads // num_kv_heads
+    batch, s_q, s_k = pq.shape[0], pq.shape[1], pk.shape[1]
+    if s_q > s_k:
+        raise ValueError(f"{s_q} queries but only {s_k} keys: the queries must be the last keys")
+    qh = split_heads(rebuild(pq, q.U, q.bias), num_heads).float()
+    kh = split_heads(rebuild(pk, k.U, k.bias), num_kv_heads).float()
+    vh = split_heads(rebuild(pv, v.U, v.bias), num_kv_heads).float()
+    if rope is not None:
+        q_pos = default_positions(batch, s_k - s_q, s_k, pq.device) if q_pos is None else q_pos
+        k_pos = default_positions(batch, 0, s_k, pq.device) if k_pos is None else k_pos
+        qh, kh = apply_rope(qh, q_pos, rope), apply_rope(kh, k_pos, rope)
+    scale = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
+    index_k = torch.arange(s_k, device=pq.device)
+    allowed = allowed_keys(key_mask, causal, index_k[s_k - s_q :], index_k)
+    s = masked_scores(qh, repeat_kv(kh, groups), scale, allowed)
+    return merge_heads(torch.matmul(torch.softmax(s, dim=-1), repeat_kv(vh, groups))).to(pq.dtype)
+
+
+def key_mask_from_hf(attention_mask: Any, causal: bool) -> tuple[bool, torch.Tensor | None]:
+    """Reduce a Hugging Face 4-D attention mask (bool, or additive with 0 = visible) to ``[B, S_k]``.
+
+    Returns ``(ok, key_mask)``; ``ok`` is False when the mask is more than key padding (plus the
+    bottom-right aligned causal triangle when ``causal``): the caller must use the original attention.
+    """
+    if attention_mask is None:
+        return True, None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return False, None
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    key_mask = keep[:, 0, -1, :]  # the last query row sees every key that is not padding
+    q_len, k_len = keep.shape[-2:]
+    pos = torch.arange(k_len, device=keep.device)
+    expected = allowed_keys(key_mask, causal, pos[k_len - q_len :], pos)
+    if not torch.equal(keep, expected.expand_as(keep)):
+        return False, None
+    return True, key_mask

@@ -19,7 +19,10 @@ import torch
 
 from .reference import (
     Factors,
+    Rope,
     allowed_keys,
+    apply_rope,
+    default_positions,
     ffn_activation,
     masked_scores,
     merge_heads,
@@ -62,6 +65,74 @@ def lowrank_ffn(
     return rebuild(z, down.U, down.bias)
 
 
+def rank_space_attention(
+    pq: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    q: Factors,
+    k: Factors,
+    v: Factors,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    rope: Rope | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """Blockwise :func:`~streamrank.kernels.reference.rank_space_attention` (same arguments and result).
+
+    ``pq`` is ``[B, S_q, r_q]``, ``pk/pv`` ``[B, S_k, r]`` (``S_q <= S_k``: the queries are the last
+    keys, as after a KV cache). Q tiles are rebuilt per query block, K/V tiles per key block, each
+    rotated to its positions when ``rope`` is given, and folded in with an online softmax. Scores and
+    softmax state are kept in float32; the output has the dtype of ``pq``.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    groups = num_heads // num_kv_heads
+    batch, s_q, s_k = pq.shape[0], pq.shape[1], pk.shape[1]
+    if s_q > s_k:
+        raise ValueError(f"{s_q} queries but only {s_k} keys: the queries must be the last keys")
+    offset = s_k - s_q
+    head_dim = q.U.shape[0] // num_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    if rope is not None:
+        q_pos = default_positions(batch, offset, s_k, pq.device) if q_pos is None else q_pos
+        k_pos = default_positions(batch, 0, s_k, pq.device) if k_pos is None else k_pos
+    index = torch.arange(s_k, device=pq.device)
+    out = torch.empty(batch, s_q, q.U.shape[0], dtype=pq.dtype, device=pq.device)
+    for q0 in range(0, s_q, block_q):
+        q1 = min(q0 + block_q, s_q)
+        qh = split_heads(rebuild(pq[:, q0:q1], q.U, q.bias), num_heads).float()
+        if rope is not None:
+            qh = apply_rope(qh, q_pos[:, q0:q1], rope)
+        m = torch.full((*qh.shape[:3], 1), -math.inf, device=pq.device)
+        denom = torch.zeros_like(m)
+        acc = torch.zeros_like(qh)
+        k_end = offset + q1 if causal else s_k  # keys after the block's last query are all masked
+        for k0 in range(0, k_end, block_k):
+            k1 = min(k0 + block_k, k_end)
+            kh = split_heads(rebuild(pk[:, k0:k1], k.U, k.bias), num_kv_heads).float()
+            if rope is not None:
+                kh = apply_rope(kh, k_pos[:, k0:k1], rope)
+            kh = repeat_kv(kh, groups)
+            vh = repeat_kv(split_heads(rebuild(pv[:, k0:k1], v.U, v.bias), num_kv_heads), groups).float()
+            allowed = allowed_keys(key_mask, causal, index[offset + q0 : offset + q1], index[k0:k1])
+            s = masked_scores(qh, kh, scale, allowed)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            alpha = torch.exp(m - m_new)
+            p = s.sub_(m_new).exp_()
+            denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha).add_(torch.matmul(p, vh))
+            m = m_new
+            del kh, vh, s, p
+        out[:, q0:q1] = merge_heads(acc.div_(denom)).to(out.dtype)
+        del qh, acc
+    return out
+
+
 def attention_from_rank_space(
     pq: torch.Tensor,
     pk: torch.Tensor,
@@ -77,39 +148,11 @@ def attention_from_rank_space(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> torch.Tensor:
-    """Blockwise attention from rank-space inputs ``pq/pk/pv`` (``[B, S, r]``) and the ``U``/bias factors.
-
-    Scores and softmax state are kept in float32; the output has the dtype of ``pq``.
-    """
-    num_kv_heads = num_kv_heads or num_heads
-    groups = num_heads // num_kv_heads
-    seq = pq.shape[1]
-    head_dim = q.U.shape[0] // num_heads
-    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    pos = torch.arange(seq, device=pq.device)
-    out = torch.empty(*pq.shape[:2], q.U.shape[0], dtype=pq.dtype, device=pq.device)
-    for q0 in range(0, seq, block_q):
-        q1 = min(q0 + block_q, seq)
-        qh = split_heads(rebuild(pq[:, q0:q1], q.U, q.bias), num_heads).float()
-        m = torch.full((*qh.shape[:3], 1), -math.inf, device=pq.device)
-        denom = torch.zeros_like(m)
-        acc = torch.zeros_like(qh)
-        k_end = q1 if causal else seq  # keys after the last query of the block are all masked
-        for k0 in range(0, k_end, block_k):
-            k1 = min(k0 + block_k, k_end)
-            kh = repeat_kv(split_heads(rebuild(pk[:, k0:k1], k.U, k.bias), num_kv_heads), groups).float()
-            vh = repeat_kv(split_heads(rebuild(pv[:, k0:k1], v.U, v.bias), num_kv_heads), groups).float()
-            s = masked_scores(qh, kh, scale, allowed_keys(key_mask, causal, pos[q0:q1], pos[k0:k1]))
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            alpha = torch.exp(m - m_new)
-            p = s.sub_(m_new).exp_()
-            denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha).add_(torch.matmul(p, vh))
-            m = m_new
-            del kh, vh, s, p
-        out[:, q0:q1] = merge_heads(acc.div_(denom)).to(out.dtype)
-        del qh, acc
-    return out
+    """Blockwise self-attention from rank-space inputs ``pq/pk/pv`` (``[B, S, r]``) and the ``U``/bias factors."""
+    return rank_space_attention(
+        pq, pk, pv, q, k, v, num_heads, num_kv_heads, key_mask, causal, scale,
+        block_q=block_q, block_k=block_k,
+    )  # fmt: skip
 
 
 def lowrank_attention(

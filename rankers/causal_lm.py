@@ -233,10 +233,11 @@ class CausalLM:
         )
 
     def new_cache(self) -> Any:
-        """An empty transformers DynamicCache for this model."""
-        from transformers import DynamicCache
+        """An empty KV cache for this model: a transformers DynamicCache, or, when the model's attention
+        runs on the fused low-rank kernels, a rank-space cache (:mod:`streamrank.kernels.decoder`)."""
+        from streamrank.kernels.decoder import new_cache
 
-        return DynamicCache(config=self.model.config)
+        return new_cache(self.model)
 
     def next_token_logits(
         self,

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 
 class LowRankOptions(BaseModel):
-    """``lowrank = {ratio = 0.5, backend = "auto"}``: replace linear layers by SVD factors (kernels/)."""
+    """``lowrank = {ratio = 0.5, backend = "auto"}``: replace linear layers by SVD factors (kernels/).
+
+    ``lowrank = {factors = "DIR"}`` loads factors stored by ``streamrank compress`` instead (healed or not;
+    no decomposition at load). With the fused backends attention runs on the rank-space KV cache.
+    """
 
     model_config = ConfigDict(extra="allow")
 

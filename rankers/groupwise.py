@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 
 from streamrank.rankers.listwise import identifier_logits, order_from_logits
 from streamrank.rankers.llm import LLMReranker, LLMRerankerConfig
+from streamrank.rankers.prompts import ListwisePrompt
 from streamrank.stage import StageConfig
 from streamrank.types import Ranking
 
@@ -112,6 +113,10 @@ class GroupwiseReranker(LLMReranker):
     def score_top(self, ranking: Ranking, texts: list[str]) -> list[float]:
         return self.score_texts(ranking, ranking.query.text, texts)
 
+    def group_prompt(self, query: str, passages: Sequence[str]) -> ListwisePrompt:
+        """The prompt this stage scores for one group (training builds its examples with it too)."""
+        return self.builder.listwise(query, passages)
+
     def score_texts(self, ranking: Ranking, query: str, texts: Sequence[str]) -> list[float]:
         """Calibrated scores parallel to ``texts``; model calls recorded on ``ranking``."""
         cfg = self.config
@@ -120,7 +125,7 @@ class GroupwiseReranker(LLMReranker):
         stats = StreamStats()
         logits = []
         for number, group in enumerate(plan.groups):
-            prompt = self.builder.listwise(query, [texts[i] for i in group])
+            prompt = self.group_prompt(query, [texts[i] for i in group])
             values, result = identifier_logits(self.llm, prompt, prefix)
             order_from_logits(
                 values, f"{self.name}: identifier logits of group {number}"

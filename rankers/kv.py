@@ -16,6 +16,12 @@ attention forward per model family), costs one elementwise pass over the kept wi
 and is exact up to float rounding (checked in the tests: the re-rotated keys equal keys computed
 fresh at the new positions). Supported: the ``rotate_half`` RoPE layout of the Llama family
 (Llama, SmolLM, Qwen, Mistral, Gemma) with one set of frequencies.
+
+A low-rank model whose attention runs on the fused kernels caches rank-space projections instead
+(:class:`streamrank.kernels.decoder.RankSpaceCache`: ``x V_k^T``, ``x V_v^T`` and each token's position,
+before RoPE). Both classes work on it unchanged in what they compute: cropping and batch repeats
+carry the positions along, and the sink cache re-indexes by shifting the stored positions (RoPE is
+applied at attention time), which is exact with no re-rotation.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ def cache_length(cache: Any) -> int:
 
 
 def kv_bytes(cache: Any) -> int:
-    """Bytes held by the cache's key/value tensors (whole storages, not just the visible views)."""
+    """Bytes held by the cache's key/value tensors, and a rank-space cache's positions (whole storages)."""
     seen: dict[int, int] = {}
     for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        tensors = (getattr(layer, name, None) for name in ("keys", "values", "positions"))
+        for tensor in tensors:
             if tensor is not None and tensor.numel():
                 storage = tensor.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
@@ -53,6 +60,9 @@ def crop_to(cache: Any, length: int) -> None:
     """Drop every cached position from ``length`` on, freeing the storage (copies the kept part)."""
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or not layer.keys.numel() or layer.keys.shape[-2] <= length:
+            continue
+        if getattr(layer, "positions", None) is not None:  # rank-space layer: [B, S, r] and positions
+            layer.keep(slice(0, length))
             continue
         layer.keys = layer.keys[..., :length, :].clone()
         layer.values = layer.values[..., :length, :].clone()
@@ -199,6 +209,12 @@ class SinkCache:
         if drop <= 0:
             return
         for layer in self.cache.layers:
+            if type(layer).__name__ == "RankSpaceLayer":  # positions stored before RoPE: shift them
+                index = torch.cat([torch.arange(self.sink), torch.arange(total - self.window, total)])
+                positions = layer.positions[:, index.to(layer.positions.device)]
+                positions[:, self.sink :] -= drop
+                layer.keep(index.to(layer.keys.device), positions)
+                continue
             if type(layer).__name__ != "DynamicLayer":
                 raise RankerError(
                     f"SinkCache supports plain dynamic cache layers, not {type(layer).__name__}"

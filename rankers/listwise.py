@@ -121,6 +121,11 @@ class ListwiseReranker(LLMReranker):
             return [(0, n)]
         return window_spans(n, self.config.window, self.config.stride or self.config.window)
 
+    def window_prompt(self, query: str, passages: Sequence[str]) -> ListwisePrompt:
+        """The prompt this stage scores for one window (training builds its examples with it too)."""
+        fit = self.config.mode == "full"
+        return self.builder.listwise(query, passages, reserve=self.answer_reserve * len(passages), fit=fit)
+
     def rank_texts(self, ranking: Ranking, query: str, texts: Sequence[str]) -> list[int]:
         """A permutation of ``texts`` (best first), ranking windows bottom-up."""
         order = list(range(len(texts)))
@@ -128,12 +133,9 @@ class ListwiseReranker(LLMReranker):
         if len(texts) < 2:
             return order
         prefix = self.listwise_prefix(ranking, query) if self.config.prefix_cache else None
-        full = self.config.mode == "full"
         for start, end in spans:
             window = order[start:end]
-            prompt = self.builder.listwise(
-                query, [texts[i] for i in window], reserve=self.answer_reserve * len(window), fit=full
-            )
+            prompt = self.window_prompt(query, [texts[i] for i in window])
             if prompt.passage_tokens < self.config.llm.max_passage_tokens:
                 ranking.notes.append(
                     f"{self.name}: passages cut to {prompt.passage_tokens} tokens to fit {len(window)} in the context"

@@ -25,14 +25,36 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from streamrank.pipeline import Pipeline
 from streamrank.types import Ranking
+
+if TYPE_CHECKING:
+    from streamrank.service.settings import Settings
 
 log = logging.getLogger("streamrank.service")
 
 BatchObserver = Callable[[int, dict[str, float]], None]
 """Called once per executed batch with its size and per-stage wall times (ms)."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The service's micro-batching bounds, read from its settings in one place: the in-process
+    runner (:class:`PipelineRunner`) and the Ray back end (``serve.batch``) both take them from here."""
+
+    max_batch: int
+    window_s: float
+    workers: int
+    """Batches in flight at once per pipeline and request kind."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> BatchPolicy:
+        """``batching = false`` is batches of one, sent at once."""
+        if settings.batching:
+            return cls(settings.max_batch_size, settings.batch_window_ms / 1000.0, settings.workers)
+        return cls(1, 0.0, settings.workers)
 
 
 def _largest(values: Sequence[float | None]) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -29,21 +30,32 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <STRE
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The service's STREAMRANK_API_KEY")
 
 
+AUTH_FAILED = "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+
+
+def key_matches(headers: Mapping[str, str], expected: str) -> bool:
+    """True when ``headers`` present ``expected`` as a Bearer token or ``X-API-Key`` (constant time)."""
+    authorization = headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    offered = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else headers.get("x-api-key")
+    return offered is not None and secrets.compare_digest(offered.encode(), expected.encode())
+
+
 def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> None:
-    """401 unless the service has no key or the request presents it (Bearer or X-API-Key)."""
+    """401 unless the service has no key or the request presents it (Bearer or X-API-Key).
+
+    The request middleware checks the same before the body is read; this dependency documents the
+    schemes in /openapi.json and guards routes mounted without that middleware.
+    """
     expected = get_settings(request).api_key
     if not expected:
         return
-    offered = bearer.credentials if bearer is not None else api_key
-    if offered is None or not secrets.compare_digest(offered.encode(), expected.encode()):
-        raise HTTPException(
-            401, "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    if not key_matches(request.headers, expected):
+        raise HTTPException(401, AUTH_FAILED, headers={"WWW-Authenticate": "Bearer"})
 
 
 def check_limit(what: str, value: int, setting: str, limit: int) -> None:

@@ -1,7 +1,8 @@
 """Exceptions -> HTTP answers: every error is an ErrorResponse body carrying the request id.
 
 ``install_error_handlers(app)`` maps validation errors, HTTP errors, StreamRankError (400 unless
-ERROR_STATUS says otherwise), ServiceUnavailable (503 with ``Retry-After``) and UnknownPipeline (404).
+ERROR_STATUS says otherwise), StorageError (507 for a full disk, 503 otherwise, with the reason),
+ServiceUnavailable (503 with ``Retry-After``) and UnknownPipeline (404).
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from streamrank.errors import (
     InvalidQueryError,
     StreamRankError,
 )
+from streamrank.pipeline import DocumentsRefused
 from streamrank.service.context import request_id
 from streamrank.service.schemas import ErrorResponse
 from streamrank.service.state import ServiceUnavailable, UnknownPipeline
+from streamrank.store import StorageError
 
 ERROR_STATUS: dict[type[StreamRankError], int] = {
     InvalidQueryError: 422,
     IndexMissingError: 404,
     DatasetNotFoundError: 404,
+    DocumentsRefused: 422,
 }
 """StreamRankError subclasses that are not a plain 400."""
 
@@ -37,8 +41,12 @@ ERROR_ANSWERS: dict[int, str] = {
     400: "The pipeline rejected the request",
     401: "Missing or wrong API key (only when the service has one)",
     404: "Unknown pipeline, document, index or dataset",
+    403: "A write from a browser page of another origin (not in `allowed_origins`)",
     413: "The body is larger than `max_body_bytes`",
-    503: "Pipelines are still loading or failed to load (`Retry-After` says when to retry)",
+    415: "A browser sent a body without `Content-Type: application/json`",
+    503: "Pipelines are still loading or failed to load, the service is stopping, or an index folder "
+    "cannot be written (`Retry-After` says when to retry)",
+    507: "The disk holding the index folder is full: nothing of the write was kept",
 }
 
 
@@ -79,14 +87,23 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return error_body(422, _validation_message(errors), "validation_error", jsonable_encoder(errors))
 
 
+def _unparsable(cause: BaseException | None) -> str:
+    if isinstance(cause, RecursionError):
+        return "invalid request: the body is nested too deeply to parse"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"invalid request: the body is not valid JSON ({cause.reason})"
+    return "invalid request: the body could not be parsed as JSON"
+
+
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
-        return error_body(422, f"invalid request: the body is not valid JSON ({exc.__cause__.reason})", "validation_error")
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's
+        return error_body(422, _unparsable(exc.__cause__), "validation_error")
     response = error_body(exc.status_code, str(exc.detail), "http_error")
     response.headers.update(exc.headers or {})
     if exc.status_code == 405:
-        response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        allowed = _allowed_methods(request)
+        response.headers["Allow"] = ", ".join(allowed + ["HEAD"] if "GET" in allowed and "HEAD" not in allowed else allowed)
     return response
 
 
@@ -107,6 +124,15 @@ async def _on_streamrank_error(request: Request, exc: Exception) -> JSONResponse
     return error_body(status, str(exc), type(exc).__name__)
 
 
+async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StorageError)
+    if exc.problem == "full":
+        return error_body(507, str(exc), "insufficient_storage")
+    response = error_body(503, str(exc), "storage_unavailable")
+    response.headers["Retry-After"] = "30"
+    return response
+
+
 async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     response = error_body(503, str(exc), "unavailable")
     response.headers["Retry-After"] = "1"
@@ -122,5 +148,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(StreamRankError, _on_streamrank_error)
+    app.add_exception_handler(StorageError, _on_storage_error)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(UnknownPipeline, _on_unknown_pipeline)

@@ -11,6 +11,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted under their own name; any other (clients can send any token) counts as ``other``."""
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -53,8 +55,26 @@ class Metrics:
             "streamrank_documents_written", "Documents upserted or deleted", ["operation"], registry=r
         )
         self.ready = Gauge("streamrank_ready", "1 once every pipeline is loaded and warm", registry=r)
+        self.writable = Gauge(
+            "streamrank_writable", "1 while every index folder can be written (checked by /readyz and writes)",
+            registry=r,
+        )
+        self.quarantined = Gauge(
+            "streamrank_quarantined_documents",
+            "Stored documents an index refused at startup recovery (listed with their ids in /readyz)",
+            ["pipeline"],
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "streamrank_write_errors",
+            "Document writes refused or failed: refused (an index rejected a document), full, read_only, io",
+            ["reason"],
+            registry=r,
+        )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (the method label is bounded: unknown methods are ``other``)."""
+        method = method if method in METHODS else "other"
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         if status >= 400:

@@ -15,6 +15,7 @@ REQUEST_LIMITS: dict[tuple[str, str], tuple[str, str]] = {
     ("RerankRequest", "query"): ("maxLength", "max_query_chars"),
     ("RerankRequest", "documents"): ("maxItems", "max_rerank_documents"),
     ("UpsertRequest", "documents"): ("maxItems", "max_upsert_documents"),
+    ("BulkDeleteRequest", "ids"): ("maxItems", "max_upsert_documents"),
 }
 """(schema, field) -> (JSON Schema keyword, setting): the per-service limits, shown in /openapi.json."""
 

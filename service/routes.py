@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from streamrank.pipeline import as_query, candidate_pool
+from streamrank.pipeline import as_query, candidate_pool, show_id
 from streamrank.serialize import ranking_to_dict
 from streamrank.service.context import request_id
 from streamrank.service.dependencies import State, check_limit, check_query, deadline_of, require_api_key
 from streamrank.service.errors import documented_errors
 from streamrank.service.metrics import Metrics
+from streamrank.service.pages import search_page as page
 from streamrank.service.schemas import (
+    BulkDeleteRequest,
+    BulkDeleteResponse,
     DeleteResponse,
     DocumentOut,
     PipelineInfo,
@@ -39,18 +41,17 @@ from streamrank.service.schemas import (
 from streamrank.service.state import ServiceUnavailable
 from streamrank.types import Document, Query, Ranking
 
-STATIC = Path(__file__).resolve().parent / "static"
-
 open_routes = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)], responses=documented_errors(401))
 PIPELINE_ERRORS = documented_errors(400, 404, 503)
 """What any route that runs a pipeline may answer besides 200, 401 and 422."""
-BODY_ERRORS = {**PIPELINE_ERRORS, **documented_errors(413)}
+BODY_ERRORS = {**PIPELINE_ERRORS, **documented_errors(403, 413, 415)}
+WRITE_ERRORS = {**BODY_ERRORS, **documented_errors(507)}
 
 
 @open_routes.get("/", include_in_schema=False)
-async def search_page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+async def search_page() -> HTMLResponse:
+    return page()
 
 
 @open_routes.get("/healthz", response_model=StatusResponse, tags=["service"])
@@ -61,15 +62,21 @@ async def healthz() -> StatusResponse:
 
 @api.get("/readyz", response_model=StatusResponse, responses={503: {"model": StatusResponse}}, tags=["service"])
 async def readyz(state: State) -> Any:
-    """Readiness: 200 once every pipeline is loaded, its indexes open and models warm; 503 before."""
+    """Readiness: 200 once every pipeline is loaded, its indexes open and models warm; 503 before.
+
+    `status` is `ready`, or `degraded` when searches are served but writes would fail (`writable`
+    false, `problems` says why) or stored documents were quarantined at startup (`quarantined`).
+    """
     try:
-        state.require_ready()
+        report = await asyncio.to_thread(state.readiness)
     except ServiceUnavailable as exc:
         body = StatusResponse(status=state.status, message=str(exc), request_id=request_id())
         return JSONResponse(body.model_dump(), status_code=503)
-    return StatusResponse(
-        status="ready", pipelines=list(state.pipelines), recovered=state.recovered, request_id=request_id()
-    )
+    message = "; ".join(report["problems"]) or None
+    if report["quarantined"]:
+        count = sum(len(q) for q in report["quarantined"].values())
+        message = "; ".join(filter(None, [message, f"{count} stored documents quarantined (see `quarantined`)"]))
+    return StatusResponse(**report, message=message, request_id=request_id())
 
 
 @api.get("/metrics", tags=["service"], response_class=Response)
@@ -166,10 +173,19 @@ async def rerank(body: RerankRequest, request: Request, state: State) -> RerankR
     )
 
 
-@api.post("/documents", response_model=UpsertResponse, responses=BODY_ERRORS, tags=["documents"])
+@api.post("/documents", response_model=UpsertResponse, responses=WRITE_ERRORS, tags=["documents"])
 async def upsert_documents(body: UpsertRequest, state: State) -> UpsertResponse:
-    """Insert or replace documents by id. Answered only once they are durable (fsynced) and indexed."""
-    check_limit("the number of documents", len(body.documents), "max_upsert_documents", state.settings.max_upsert_documents)
+    """Insert or replace documents by id. Answered only once they are durable (fsynced) and in every index.
+
+    All or nothing: every limit is checked before anything is written, and a write an index refuses
+    (422) or a disk cannot take (507 full, 503 read-only) is undone in the store and the indexes.
+    """
+    settings = state.settings
+    check_limit("the number of documents", len(body.documents), "max_upsert_documents", settings.max_upsert_documents)
+    for i, doc in enumerate(body.documents):
+        check_limit(f"documents.{i}.id (UTF-8 bytes)", len(doc.id.encode()), "max_id_bytes", settings.max_id_bytes)
+        size = len(doc.title) + len(doc.text)
+        check_limit(f"documents.{i} (title + text characters)", size, "max_document_chars", settings.max_document_chars)
     pipeline = state.pipeline(body.pipeline)
     docs = [Document(id=d.id, text=d.text, title=d.title) for d in body.documents]
     await asyncio.to_thread(state.upsert, pipeline, docs)
@@ -181,13 +197,25 @@ async def get_document(doc_id: str, state: State, pipeline: str | None = None) -
     """One stored document."""
     doc = await asyncio.to_thread(state.get, state.pipeline(pipeline), doc_id)
     if doc is None:
-        raise HTTPException(404, f"no document with id {doc_id!r}")
+        raise HTTPException(404, f"no document with id {show_id(doc_id)}")
     return DocumentOut(id=doc.id, title=doc.title, text=doc.text, request_id=request_id())
 
 
-@api.delete("/documents/{doc_id:path}", response_model=DeleteResponse, responses=PIPELINE_ERRORS, tags=["documents"])
+@api.delete("/documents", response_model=BulkDeleteResponse, responses=WRITE_ERRORS, tags=["documents"])
+async def delete_documents(body: BulkDeleteRequest, state: State) -> BulkDeleteResponse:
+    """Remove documents by id from every index and the store; ids not stored are listed in `missing`.
+
+    Takes any stored id, however long (a quarantined one, say, that no URL could carry).
+    """
+    check_limit("the number of ids", len(body.ids), "max_upsert_documents", state.settings.max_upsert_documents)
+    deleted, missing = await asyncio.to_thread(state.delete_many, state.pipeline(body.pipeline), body.ids)
+    return BulkDeleteResponse(deleted=deleted, missing=missing, request_id=request_id())
+
+
+@api.delete("/documents/{doc_id:path}", response_model=DeleteResponse, responses=WRITE_ERRORS, tags=["documents"])
 async def delete_document(doc_id: str, state: State, pipeline: str | None = None) -> DeleteResponse:
     """Remove a document from every index and the store (404 when it is not stored)."""
-    if not await asyncio.to_thread(state.delete, state.pipeline(pipeline), doc_id):
-        raise HTTPException(404, f"no document with id {doc_id!r}")
-    return DeleteResponse(deleted=doc_id, request_id=request_id())
+    deleted = await asyncio.to_thread(state.delete, state.pipeline(pipeline), doc_id)
+    if deleted is None:
+        raise HTTPException(404, f"no document with id {show_id(doc_id)}")
+    return DeleteResponse(deleted=deleted, request_id=request_id())

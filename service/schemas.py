@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    StrictBool,
+    Tag,
+    field_validator,
+)
 
 
 def _valid_unicode(text: str) -> str:
@@ -21,6 +32,46 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 """A request string: any Unicode text, but no lone surrogates."""
 
+Number = Annotated[float, Strict()]
+"""A JSON number (not a string, not a boolean)."""
+
+
+def _json_integer(value: Any) -> Any:
+    """Integer fields take a JSON integer: ``5`` (and ``5.0``, which JSON Schema counts as one), not
+    ``"5"``, ``true`` or ``5.5`` (a ``mode="before"`` field validator: the schema stays plain)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("must be an integer (a JSON number, not a string or a boolean)")
+    return value
+
+_BAD_ID_CATEGORIES = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator"}
+
+
+def _valid_id(doc_id: str) -> str:
+    """A document id: NFC-normalised, no control characters, no whitespace at either end."""
+    doc_id = unicodedata.normalize("NFC", doc_id)
+    if not doc_id.strip():
+        raise ValueError("a document id must not be empty or only whitespace")
+    if doc_id != doc_id.strip():
+        raise ValueError("a document id must not start or end with whitespace")
+    for position, char in enumerate(doc_id):
+        kind = _BAD_ID_CATEGORIES.get(unicodedata.category(char))
+        if kind is not None:
+            raise ValueError(f"a document id must not contain {kind} ({char!r} at character {position})")
+    return doc_id
+
+
+DocumentId = Annotated[
+    str,
+    AfterValidator(_valid_unicode),
+    AfterValidator(_valid_id),
+    Field(
+        min_length=1,
+        description="Stored NFC-normalised; no control characters or surrounding whitespace; at most "
+        "`max_id_bytes` UTF-8 bytes.",
+        json_schema_extra={"pattern": r"^[^\s\x00-\x1f\x7f-\x9f\u2028\u2029](?:[^\x00-\x1f\x7f-\x9f\u2028\u2029]*[^\s\x00-\x1f\x7f-\x9f\u2028\u2029])?$"},
+    ),
+]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,9 +87,11 @@ class SearchRequest(_Strict):
     k: int = Field(10, ge=1, description="How many documents to return.")
     pipeline: Text | None = Field(None, description="Pipeline name (GET /pipelines); default: the service's default.")
     user_history: list[Text] = Field(default_factory=list, description="Ids of documents the user engaged with.")
-    deadline_ms: float | None = Field(
+    deadline_ms: Number | None = Field(
         None, gt=0, description="Answer within this many ms, cutting a late stage (the answer is then `degraded`)."
     )
+
+    _strict_k = field_validator("k", mode="before")(_json_integer)
 
 
 class SearchHit(_Open):
@@ -101,7 +154,9 @@ class RerankRequest(_Open):
     documents: list[RerankItem] = Field(min_length=1, description='Strings, or objects {"text": ...}.')
     top_n: int | None = Field(None, ge=1)
     return_documents: StrictBool = False
-    deadline_ms: float | None = Field(None, gt=0)
+    deadline_ms: Number | None = Field(None, gt=0)
+
+    _strict_top_n = field_validator("top_n", mode="before")(_json_integer)
 
 
 class RerankResultDocument(BaseModel):
@@ -128,8 +183,8 @@ class RerankResponse(BaseModel):
 
 # ---- documents -----------------------------------------------------------------------------
 class DocumentIn(_Strict):
-    id: Text = Field(min_length=1)
-    text: Text
+    id: DocumentId
+    text: Text = Field(description="At most `max_document_chars` characters together with `title`.")
     title: Text = ""
 
 
@@ -156,6 +211,17 @@ class DeleteResponse(BaseModel):
     request_id: str
 
 
+class BulkDeleteRequest(_Strict):
+    ids: list[Text] = Field(min_length=1, description="Ids to remove (any stored id, however long).")
+    pipeline: Text | None = Field(None, description="Any pipeline over the index to write (all sharing it are updated).")
+
+
+class BulkDeleteResponse(BaseModel):
+    deleted: list[str]
+    missing: list[str] = Field(description="Ids the store did not hold.")
+    request_id: str
+
+
 # ---- service ---------------------------------------------------------------------------------
 class StageInfo(BaseModel):
     name: str
@@ -178,10 +244,15 @@ class PipelinesResponse(BaseModel):
 
 
 class StatusResponse(BaseModel):
-    status: str
+    status: str = Field(description="`ok` (liveness); `ready` or `degraded` (readiness, HTTP 200); `loading`, `error` or `stopping` (503).")
     message: str | None = None
     pipelines: list[str] = Field(default_factory=list)
     recovered: dict[str, dict[str, int]] = Field(default_factory=dict)
+    writable: bool | None = Field(None, description="Whether every index folder can take a write now.")
+    problems: list[str] = Field(default_factory=list, description="Why writes would fail, or recovery did not finish.")
+    quarantined: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Per pipeline: stored documents an index refused at startup (id -> reason)."
+    )
     request_id: str
 
 

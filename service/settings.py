@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from streamrank.config import describe_validation_error
 from streamrank.errors import ConfigError
+from streamrank.service.ray_settings import RaySettings
 
 ENV_PREFIX = "STREAMRANK_"
 CONFIG_ENV = "STREAMRANK_SERVICE_CONFIG"
@@ -46,13 +47,30 @@ class Settings(BaseModel):
     index_dir: str | None = None
     """Override the index folder of every pipeline."""
     api_key: str | None = Field(None, repr=False)
-    """When set, every endpoint but /healthz, /, /docs needs `Authorization: Bearer <key>` or `X-API-Key`."""
+    """When set, every endpoint but /healthz, /, /docs needs `Authorization: Bearer <key>` or `X-API-Key`.
+    An empty or blank key is an error (it would silently turn auth off)."""
 
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1)
     max_query_chars: int = Field(2048, ge=1)
     max_k: int = Field(1000, ge=1)
     max_rerank_documents: int = Field(1000, ge=1)
     max_upsert_documents: int = Field(1000, ge=1)
+    max_id_bytes: int = Field(512, ge=1)
+    """Longest document id, in UTF-8 bytes (Lucene refuses an id term over 32,766 bytes)."""
+    max_document_chars: int = Field(1_000_000, ge=1)
+    """Longest document (title + text), in characters."""
+
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins (`https://app.example`) besides the service's own that may send writes; any
+    other `Origin` on a POST/PUT/PATCH/DELETE is a 403."""
+    json_without_content_type: bool = True
+    """Read a body sent without a JSON content type (`curl -d '{...}'`) as JSON; browsers (requests
+    carrying `Origin` or `Sec-Fetch-*`) must always send `Content-Type: application/json`."""
+
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    """On SIGTERM/SIGINT: how long in-flight requests may take to finish before they are cut."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection whose request headers have not all arrived after this long is closed."""
 
     batching: bool = True
     """Fuse concurrent requests to one pipeline into one batched pipeline call."""
@@ -71,6 +89,16 @@ class Settings(BaseModel):
     """Run one query per pipeline before reporting ready, so models and indexes are loaded."""
     torch_threads: int | None = Field(None, ge=1)
     log_level: str = "info"
+    ray: RaySettings | None = None
+    """Serve on Ray Serve (``streamrank serve --ray``): cluster, replicas, CPUs/GPUs per replica
+    (``streamrank.service.ray_settings``). None: in process, and Ray is never imported."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: unset STREAMRANK_API_KEY (or api_key) to run without a key")
+        return value
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
@@ -79,9 +107,9 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
-        if raw == "" and not field.is_required() and field.default is None:
+        if raw == "" and not field.is_required() and field.default is None and name != "api_key":
             values[name] = None
-        elif name == "pipelines":
+        elif name in ("pipelines", "allowed_origins"):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             values[name] = raw

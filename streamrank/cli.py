@@ -1,4 +1,4 @@
-"""`streamrank` command line: index, search, eval, serve, bench, train-ranker, tune.
+"""`streamrank` command line: index, search, eval, serve, bench, train-ranker, train-reranker, tune, compress.
 
 Each command parses its flags and calls one library function; no logic lives here.
 """
@@ -27,7 +27,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline, corpus=args.dataset or args.corpus, index_dir=args.index_dir)
     started = time.perf_counter()
-    pipeline.index(rebuild=args.rebuild)
+    if args.ray or args.address:  # dense encoding with Ray Data (streamrank.service.ray_encode)
+        from streamrank.service.ray_encode import index_on_ray
+        from streamrank.service.ray_serve import start_ray
+        from streamrank.service.ray_settings import RaySettings
+
+        start_ray(RaySettings(address=args.address))
+        encoded = index_on_ray(pipeline, rebuild=args.rebuild, actors=args.ray_actors)
+        print(f"encoded with Ray Data: {encoded or 'nothing (every dense index exists)'}", file=sys.stderr)
+    else:
+        pipeline.index(rebuild=args.rebuild)
     print(
         f"indexed {len(pipeline.context.store)} documents for {pipeline.name!r} into "
         f"{pipeline.context.index_dir} in {time.perf_counter() - started:.1f} s"
@@ -79,7 +88,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamrank.service.app import serve
+    from streamrank.service.settings import load_settings
 
+    settings = load_settings(
+        args.config, pipelines=args.pipeline, host=args.host, port=args.port, corpus=args.corpus, index_dir=args.index_dir
+    )
+    if args.ray or args.address or settings.ray is not None:  # Ray is imported only here
+        from streamrank.service.ray_serve import run_on_ray, with_ray
+
+        run_on_ray(with_ray(settings, args.address))
+        return 0
     serve(
         pipelines=args.pipeline,
         host=args.host,
@@ -94,7 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from streamrank.eval.bench import run_benchmark
 
-    run_benchmark(args.name, output_dir=Path(args.output) if args.output else None, quick=args.quick)
+    name = f"{args.name}-ray" if args.ray else args.name  # `bench service --ray` is `service-ray`
+    run_benchmark(name, output_dir=Path(args.output) if args.output else None, quick=args.quick)
     return 0
 
 
@@ -109,6 +128,48 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     print(f"ranker written to {path}")
+    return 0
+
+
+def cmd_train_reranker(args: argparse.Namespace) -> int:
+    from streamrank.eval.training import RerankerTraining, train_reranker
+
+    options = RerankerTraining(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        full=args.full,
+        lora_rank=args.lora_rank,
+        layers=args.layers,
+        list_size=args.list_size,
+        checkpoint_every=args.checkpoint_every,
+    )
+    path = train_reranker(
+        dataset=args.dataset,
+        pipeline=args.pipeline,
+        split=args.split,
+        stage=args.stage,
+        teacher=args.teacher,
+        output=Path(args.output) if args.output else None,
+        limit=args.limit,
+        resume=args.resume,
+        options=options,
+    )
+    print(f"reranker written to {path} (see {path / 'training.json'})")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from streamrank.eval.compress import CompressOptions, compress_model_folder, summary
+
+    calibration = None if args.calibration in ("none", "") else args.calibration
+    options = CompressOptions(
+        ratio=args.ratio, calibration=calibration, heal=args.heal, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, texts=args.texts,
+        text_count=args.text_count, seed=args.seed, device=args.device,
+    )  # fmt: skip
+    print(summary(compress_model_folder(args.model, Path(args.output), options)))
     return 0
 
 
@@ -130,6 +191,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from streamrank.errors import StreamRankError
+    from streamrank.eval.metrics import paired_comparison
+
+    runs = []
+    for folder in (args.baseline, args.run):
+        path = Path(folder) / "per_query.json"
+        if not path.is_file():
+            raise StreamRankError(f"{folder}: no per_query.json (is it a `streamrank eval` output folder?)")
+        runs.append(json.loads(path.read_text()))
+    try:
+        c = paired_comparison(runs[0], runs[1], args.measure)
+    except (KeyError, ValueError) as exc:
+        raise StreamRankError(f"cannot compare {args.baseline} and {args.run}: {exc}") from None
+    print(json.dumps(c) if args.json else (
+        f"{args.measure} over {c['queries']} queries: {c['a']:.4f} -> {c['b']:.4f}, {c['difference']:+.4f} "
+        f"(paired SE {c['se']:.4f}, t-test p {c['p']:.3g}; {c['up']} up, {c['down']} down, {c['same']} same)"
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.add_argument("--dataset", help="alias of --corpus")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if an index exists")
+    p.add_argument("--ray", action="store_true", help="encode the corpus with Ray Data (needs streamrank[ray])")
+    p.add_argument("--address", help="with --ray: the cluster to join (default: a local head)")
+    p.add_argument("--ray-actors", type=int, default=2, help="with --ray: encoder actors (default 2)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="run one query through a pipeline")
@@ -169,12 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="default 127.0.0.1 (or $STREAMRANK_HOST)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (or $STREAMRANK_PORT)")
     p.add_argument("--config", help="service settings TOML (or $STREAMRANK_SERVICE_CONFIG)")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (needs streamrank[ray]; `ray = {...}` in the settings)")
+    p.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local head)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, ppr, service, soak, retrieval")
     p.add_argument("name")
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--ray", action="store_true", help="service: beside the same servers on Ray Serve (needs streamrank[ray])")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-ranker", help="train a pipeline's learned ranker on a train split")
@@ -184,6 +274,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="model path (default: the one the pipeline names)")
     p.add_argument("--limit", type=int)
     p.set_defaults(func=cmd_train_ranker)
+
+    p = sub.add_parser("train-reranker", help="train a pipeline's one-pass reranker (FIRST, groupwise, E2Rank)")
+    p.add_argument("--dataset", "-d", required=True)
+    p.add_argument("--pipeline", "-p", required=True)
+    p.add_argument("--split", default="train", help="without qrels for it: pseudo-queries from the corpus")
+    p.add_argument("--stage", help="top-level stage name (default: the last first/groupwise/e2rank stage)")
+    p.add_argument("--teacher", help="pipeline whose order ranks the unjudged candidates (default: the first stage)")
+    p.add_argument("--output", "-o", help="model folder (default: $STREAMRANK_HOME/models/trained/...)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--limit", type=int, help="first N judged queries (or N pseudo-queries)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--full", action="store_true", help="train every weight of the LLM (GPU), not LoRA")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: 1 prompt, 4 queries for E2Rank)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 2e-4 LoRA, 1e-5 full, 2e-5 E2Rank)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8, help="LoRA on the top N layers (0: all)")
+    p.add_argument("--list-size", type=int, default=8, help="E2Rank: candidates per query in the listwise loss")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.set_defaults(func=cmd_train_reranker)
+
+    p = sub.add_parser("compare", help="paired comparison of two eval output folders over their shared queries")
+    p.add_argument("baseline", help="eval output folder (per_query.json) of the run compared against")
+    p.add_argument("run", help="eval output folder of the run compared")
+    p.add_argument("--measure", default="nDCG@10")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tune", help="grid-search one stage's query-time options on a train split")
     p.add_argument("--dataset", "-d", required=True)
@@ -196,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--output", "-o", help="folder to write tune.json into")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("compress", help="SVD-compress a model (optionally heal it by distillation); save its factors")
+    p.add_argument("--model", "-m", required=True, help="encoder or causal LM (name, folder, .gguf, smollm2)")
+    p.add_argument("--ratio", type=float, required=True, help="share of each linear layer's parameters kept")
+    p.add_argument("--calibration", default="auto", help="whitening texts: auto (SciFact), dataset, file; none: plain SVD")
+    p.add_argument("--heal", action="store_true", help="distil toward the dense model, training the factors only")
+    p.add_argument("--steps", type=int, default=200, help="with --heal: optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per healing text")
+    p.add_argument("--texts", help="healing texts (default: the calibration source)")
+    p.add_argument("--text-count", type=int, default=2000, help="healing texts read")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: CUDA when available, else CPU")
+    p.add_argument("--output", "-o", required=True, help="folder for the factors and compress.json")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamrank.errors import ConfigError
 from streamrank.registry import stage_class
@@ -51,6 +51,9 @@ class PipelineConfig(BaseModel):
     corpus: str | None = None
     index_dir: str | None = None
     device: str | None = None
+    shards: int = Field(1, ge=1)
+    """Split the corpus into this many shards by a stable hash of the document id: every retriever
+    with an index (BM25, dense...) gets one index per shard, searched by scatter-gather."""
     stages: list[dict[str, Any]]
 
 
@@ -111,8 +114,15 @@ def validate_stage(options: dict[str, Any], where: str) -> tuple[type[BaseStage]
 
 
 def build_stage(options: dict[str, Any], context: PipelineContext, where: str) -> BaseStage:
-    """Instantiate one stage from its TOML table, with errors that say which table was wrong."""
+    """Instantiate one stage from its TOML table, with errors that say which table was wrong.
+
+    In a pipeline with ``shards = N`` (N > 1), a stage whose class is ``shardable`` is built as a
+    ``sharded`` stage over N copies of it, under the same name.
+    """
     cls, config = validate_stage(options, where)
+    if context.shards > 1 and cls.shardable:
+        sharded = {"kind": "sharded", "name": config.name or config.kind, "shards": context.shards, "retriever": options}
+        cls, config = validate_stage(sharded, where)
     return cls(config, context)
 
 
@@ -135,7 +145,7 @@ def load_pipeline(
     corpus_ref = (corpus if corpus is not None else config.corpus) or None
     chosen_dir = index_dir if index_dir is not None else config.index_dir
     resolved_dir = Path(chosen_dir).expanduser() if chosen_dir else default_index_dir(corpus_ref)
-    context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device)
+    context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device, shards=config.shards)
     stages = [build_stage(opts, context, f"{source}: stages[{i}]") for i, opts in enumerate(config.stages)]
     check_unique_names(stages, str(source))
     return Pipeline(config.name, stages, context, source=source, description=config.description)

@@ -28,10 +28,14 @@ class PipelineContext:
     (``bm25/``, ``dense/``...). It is None for pipelines that only rerank supplied candidates.
     """
 
-    def __init__(self, index_dir: Path | None, *, corpus: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, index_dir: Path | None, *, corpus: str | None = None, device: str | None = None, shards: int = 1
+    ) -> None:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.corpus = corpus
         self.device = device
+        self.shards = shards
+        """The pipeline's ``shards``: shardable stages are built sharded when it is above 1."""
         self._cache: dict[Any, Any] = {}
         self._lock = threading.RLock()
 

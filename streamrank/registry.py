@@ -14,6 +14,7 @@ STAGE_KINDS: dict[str, str] = {
     "fusion": "streamrank.index.fusion:FusionStage",
     "ppr": "streamrank.index.ppr:PPRStage",
     "splade": "streamrank.index.splade:SpladeRetriever",
+    "sharded": "streamrank.index.sharded_stage:ShardedRetriever",
     # rerankers (rankers/)
     "first": "streamrank.rankers.listwise:SingleTokenListwise",
     "generative_listwise": "streamrank.rankers.generative:GenerativeListwise",

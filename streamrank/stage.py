@@ -45,6 +45,8 @@ class BaseStage:
     """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+    shardable: ClassVar[bool] = False
+    """Whether a pipeline with ``shards = N`` splits this stage's index into N shards (retrievers with an index)."""
 
     def __init__(self, config: StageConfig, context: PipelineContext) -> None:
         self.config = config

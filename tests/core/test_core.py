@@ -11,8 +11,8 @@ import pytest
 import streamrank
 from streamrank import registry
 from streamrank.errors import ConfigError, InvalidQueryError
-from streamrank.store import DocumentStore
 from streamrank.stage import BaseStage, StageConfig
+from streamrank.store import DocumentStore
 from streamrank.types import Candidate, Document, Query, Ranking
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from streamrank.errors import DatasetNotFoundError
 from streamrank import datasets
 from streamrank.datasets import corpus_key, load_candidates, load_dataset, read_qrels
+from streamrank.errors import DatasetNotFoundError
 from streamrank.types import Document
 
 

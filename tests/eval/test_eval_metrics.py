@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from streamrank.datasets.trec import ranked_scores, read_trec_run, write_trec_run
 from streamrank.errors import StreamRankError
 from streamrank.eval.metrics import default_measures, evaluate_run, measure_name, per_query_metrics
-from streamrank.datasets.trec import ranked_scores, read_trec_run, write_trec_run
 from streamrank.types import Candidate
 
 QRELS = {"q1": {"d1": 2, "d2": 1, "d3": 0}, "q2": {"x": 1}}
@@ -65,3 +65,31 @@ def test_trec_run_round_trip(tmp_path: Path) -> None:
     path.write_text("q1 Q0 d1\n")
     with pytest.raises(ValueError, match="expected `qid Q0 docid rank score"):
         read_trec_run(path)
+
+
+def test_paired_comparison_over_shared_queries(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from scipy.stats import ttest_rel
+
+    from streamrank.eval.metrics import paired_comparison
+
+    a = {"q1": {"nDCG@10": 0.2}, "q2": {"nDCG@10": 0.5}, "q3": {"nDCG@10": 0.9}, "only-a": {"nDCG@10": 1.0}}
+    b = {"q1": {"nDCG@10": 0.4}, "q2": {"nDCG@10": 0.5}, "q3": {"nDCG@10": 1.0}}
+    c = paired_comparison(a, b)
+    assert c["queries"] == 3 and (c["up"], c["down"], c["same"]) == (2, 0, 1)
+    assert abs(c["difference"] - 0.1) < 1e-9
+    assert abs(c["p"] - ttest_rel([0.4, 0.5, 1.0], [0.2, 0.5, 0.9]).pvalue) < 1e-12
+    for name, run in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_query.json").write_text(json.dumps(run))
+    out = subprocess.run(
+        [sys.executable, "-m", "streamrank", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout)["up"] == 2
+    bad = subprocess.run([sys.executable, "-m", "streamrank", "compare", str(tmp_path), str(tmp_path / "b")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "per_query.json" in bad.stderr and "Traceback" not in bad.stderr

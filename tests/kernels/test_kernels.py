@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from streamrank.eval.bench.kernels import peak_cpu_bytes  # noqa: E402
-from streamrank.kernels import reference, streaming, triton_kernels  # noqa: E402
+from streamrank.kernels import reference, streaming, triton_common, triton_kernels  # noqa: E402
 from streamrank.kernels.reference import Factors  # noqa: E402
 
 torch.set_num_threads(1)
@@ -112,12 +112,12 @@ def test_launch_retries_smaller_tiles_when_shared_memory_runs_out(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(triton_kernels, "_fitting_tiles", {})
+    monkeypatch.setattr(triton_common, "_fitting_tiles", {})
     kernel = SharedMemoryBoundKernel()
-    triton_kernels._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
-    triton_kernels._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
+    triton_common._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
+    triton_common._launch(kernel, (1,), "x", BLOCK_F=64, BLOCK_M=32)
     assert launched == [{"BLOCK_F": 64, "BLOCK_M": 32, "num_stages": 1}] * 2
-    assert list(triton_kernels._fitting_tiles.values()) == [{"num_stages": 1}]
+    assert list(triton_common._fitting_tiles.values()) == [{"num_stages": 1}]
 
 
 def test_launch_raises_when_nothing_fits(monkeypatch):
@@ -132,9 +132,9 @@ def test_launch_raises_when_nothing_fits(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(triton_kernels, "_fitting_tiles", {})
+    monkeypatch.setattr(triton_common, "_fitting_tiles", {})
     with pytest.raises(OutOfResources):
-        triton_kernels._launch(NeverFits(), (1,), BLOCK_F=64)
+        triton_common._launch(NeverFits(), (1,), BLOCK_F=64)
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -82,6 +82,9 @@ def test_bm25_rerank_response_shape(client: TestClient) -> None:
     body = client.post("/v1/rerank", json={"model": "bm25", "query": QUERY, "documents": docs}).json()
     assert sorted(r["index"] for r in body["results"]) == [0, 1]
     assert all(isinstance(r["relevance_score"], float) for r in body["results"])
+    # BM25 alone cannot score text outside its index: the given order, scores 0, and a note (README)
+    assert [(r["index"], r["relevance_score"]) for r in body["results"]] == [(0, 0.0), (1, 0.0)]
+    assert body["notes"] and "BM25" in body["notes"][0]
 
 
 def test_bm25_documents_upsert_search_delete(client: TestClient) -> None:

@@ -1,9 +1,12 @@
-"""The service as users run it: real uvicorn on 127.0.0.1, a crash (SIGKILL) and restart, the page in Chromium."""
+"""The service as users run it: real uvicorn on 127.0.0.1, a crash (SIGKILL) and restart, a graceful stop
+(SIGTERM, SIGINT) with writes in flight, the page in Chromium."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,3 +127,46 @@ def test_search_page_in_headless_chromium(server: ThreadServer) -> None:
             browser.close()
     assert (ARTIFACTS / "search-page.png").stat().st_size > 1000
 
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_drains_in_flight_writes_closes_the_indexes_and_exits_0(
+    setup: SimpleNamespace, tmp_path: Path, stop: signal.Signals
+) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(setup.index, index)
+    slow_writes = write_pipeline(tmp_path, "fake", add_delay=0.25)  # writes queue on the write lock
+    config = tmp_path / "service.toml"
+    config.write_text(f'pipelines = ["{slow_writes}"]\nindex_dir = "{index}"\nwarmup = false\nlog_level = "info"\n')
+    docs = [{"id": f"drain-{i}", "text": f"harpsichord{i} rehearsal"} for i in range(6)]
+
+    async def upsert_then_stop(server) -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            sent = [asyncio.create_task(client.post("/documents", json={"documents": [d]})) for d in docs]
+            await asyncio.sleep(0.4)  # all sent; the first one or two written, the rest waiting
+            server.proc.send_signal(stop)
+            stopped = time.monotonic()
+            return list(await asyncio.gather(*sent)), stopped
+
+    server = fake_server(config)
+    try:
+        server.wait_ready()
+        responses, stopped = asyncio.run(upsert_then_stop(server))
+        code = server.proc.wait(timeout=30)
+        drain = time.monotonic() - stopped
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * len(docs), server.log_tail()
+    assert code == 0, server.log_tail()
+    assert drain < 10, drain
+    log = server.log_tail(20_000)
+    assert "Shutting down" in log and f"stopped on {stop.name}" in log and "Traceback" not in log
+    assert all(d["id"] in (index / "fake" / "index.json").read_text() for d in docs)  # flushed at close
+
+    again = fake_server(config, server.port)
+    try:
+        assert again.wait_ready()["recovered"] == {}  # nothing to repair: it was a clean stop
+        for d in docs:
+            assert httpx.get(f"{again.url}/documents/{d['id']}").json()["text"] == d["text"]
+    finally:
+        again.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from test_service_support import build_index, register, write_pipeline
 
 from streamrank.service.app import create_app
-from streamrank.service.settings import load_settings
+from streamrank.service.settings import Settings, load_settings
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e '.[dev]')")
 
@@ -33,11 +34,28 @@ MIN_REQUESTS = 1000
 LIMITS = dict(max_query_chars=64, max_k=50, max_rerank_documents=4, max_upsert_documents=3)
 
 
+@contextmanager
+def started(settings: Settings) -> Iterator[Any]:
+    """``create_app(settings)`` with its lifespan started (it stays up for the run) and ready."""
+    from schemathesis.python import asgi
+
+    application = create_app(settings)
+    with asgi.get_client(application) as client:
+        for _ in range(1500):
+            if client.get("/readyz", headers=AUTH).status_code == 200:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"the fuzzed app did not become ready: {client.get('/readyz', headers=AUTH).text}")
+    try:
+        yield application
+    finally:
+        asgi.shutdown_lifespans()
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The app over two fake pipelines sharing one index, started (lifespan) and ready."""
-    from schemathesis.python import asgi
-
     with pytest.MonkeyPatch.context() as mp:
         register(mp)
         root: Path = tmp_path_factory.mktemp("service-fuzz")
@@ -47,21 +65,11 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             env={}, pipelines=[str(fake), str(other)], index_dir=str(root / "index"), warmup=False, api_key=API_KEY,
             **LIMITS,
         )
-        application = create_app(settings)
-        with asgi.get_client(application) as client:  # starts the lifespan, which stays up for the run
-            for _ in range(500):
-                if client.get("/readyz", headers=AUTH).status_code == 200:
-                    break
-                time.sleep(0.02)
-            else:
-                pytest.fail("the fuzzed app did not become ready")
-        try:
+        with started(settings) as application:
             yield application
-        finally:
-            asgi.shutdown_lifespans()
 
 
-def fuzz(app: Any) -> dict[str, Any]:
+def fuzz(app: Any, max_examples: int = MAX_EXAMPLES) -> dict[str, Any]:
     """Run schemathesis' engine against ``app``; requests by operation and status, failures, phases."""
     from schemathesis.engine import events, from_schema
 
@@ -70,7 +78,7 @@ def fuzz(app: Any) -> dict[str, Any]:
             "seed": SEED,
             "suppress-health-check": ["too_slow"],  # depends on the machine's load, not on the API
             "headers": AUTH,
-            "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+            "generation": {"mode": "all", "max-examples": max_examples, "deterministic": True, "database": "none"},
         }
     )
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
@@ -113,23 +121,31 @@ def fuzz(app: Any) -> dict[str, Any]:
     }
 
 
-def test_fuzz_openapi_no_server_errors(
-    app: Any, summary_line: Callable[[str], None], record_property: Callable[[str, object], None]
-) -> None:
-    result = fuzz(app)
+OPERATIONS = {
+    "POST /search", "POST /v1/rerank", "POST /v2/rerank", "POST /documents", "GET /documents/{doc_id}",
+    "DELETE /documents/{doc_id}", "DELETE /documents", "GET /pipelines", "GET /healthz", "GET /readyz", "GET /metrics",
+}
+
+
+def check(result: dict[str, Any], what: str, summary_line: Callable[[str], None]) -> None:
+    """Report a fuzz run in the summary and assert: no 5xx, no failed check, enough requests, every operation."""
     documented = sorted(op for op, n in result["operations"].items() if n > 1)
     line = (
-        f"schemathesis {schemathesis.__version__} fuzz of /openapi.json: {result['requests']} requests "
+        f"schemathesis {schemathesis.__version__} fuzz of /openapi.json ({what}): {result['requests']} requests "
         f"({', '.join(f'{p} {n}' for p, n in sorted(result['phases'].items()) if n)}) over {len(documented)} operations, "
         f"statuses {dict(sorted(result['statuses'].items()))}, {len(result['server_errors'])} 5xx, "
         f"{len(result['failures'])} check failures, {result['seconds']:.1f} s"
     )
     summary_line(line)
-    record_property("fuzz_requests", result["requests"])
     assert not result["server_errors"], line + "\n" + "\n\n".join(result["server_errors"][:5])
     assert not result["failures"], line + "\n" + "\n\n".join(result["failures"][:5])
     assert result["requests"] >= MIN_REQUESTS, line
-    assert {
-        "POST /search", "POST /v1/rerank", "POST /v2/rerank", "POST /documents", "GET /documents/{doc_id}",
-        "DELETE /documents/{doc_id}", "GET /pipelines", "GET /healthz", "GET /readyz", "GET /metrics",
-    } <= set(documented), line
+    assert OPERATIONS <= set(documented), line
+
+
+def test_fuzz_openapi_no_server_errors(
+    app: Any, summary_line: Callable[[str], None], record_property: Callable[[str, object], None]
+) -> None:
+    result = fuzz(app)
+    record_property("fuzz_requests", result["requests"])
+    check(result, "fake pipelines", summary_line)

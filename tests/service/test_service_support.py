@@ -3,10 +3,13 @@
 ``FakeRetriever`` keeps a word-overlap index in ``<index_dir>/fake/index.json``. It writes the file
 only on ``build`` and ``close``, never on ``add``: a server killed with SIGKILL loses every add since
 start, which is exactly what startup recovery (``Pipeline.recover`` via ``indexed_ids``) must repair.
+It refuses a document whose text contains REFUSED (a ValueError, as an index rejecting a document)
+and fails on one containing DISK_FULL (ENOSPC, as a full disk).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +21,9 @@ from pathlib import Path
 from streamrank.eval.bench.service_load import ServiceProcess, wait_ready
 from streamrank.stage import BaseStage, StageConfig
 from streamrank.types import Candidate, Document, Ranking
+
+REFUSED = "REFUSE-ME"
+DISK_FULL = "FILL-THE-DISK"
 
 FAKE_KINDS = {
     "fake_retriever": "test_service_support:FakeRetriever",
@@ -40,6 +46,7 @@ description = "fake retriever{extra_desc}"
 kind = "fake_retriever"
 k = 100
 delay_s = {delay}
+add_delay_s = {add_delay}
 {extra}"""
 
 SLOW_STAGE = """
@@ -56,13 +63,14 @@ def words(text: str) -> set[str]:
 class FakeRetrieverConfig(StageConfig):
     delay_s: float = 0.0
     """Sleep per call (not per query): makes concurrent requests pile up so batching is visible."""
+    add_delay_s: float = 0.0
+    """Sleep per ``add``: keeps document writes in flight (shutdown tests)."""
 
 
 class FakeRetriever(BaseStage):
     """Scores documents by how many query words they contain."""
 
     Config = FakeRetrieverConfig
-    is_retriever = True
 
     def __init__(self, config: FakeRetrieverConfig, context) -> None:
         super().__init__(config, context)
@@ -91,7 +99,13 @@ class FakeRetriever(BaseStage):
         self._save()
 
     def add(self, documents: Sequence[Document]) -> None:
-        self.docs.update({d.id: d.contents for d in documents})
+        time.sleep(self.config.add_delay_s)
+        for d in documents:  # like Lucene, a refused document does not stop the ones before it
+            if REFUSED in d.text:
+                raise ValueError(f"the fake index refuses documents containing {REFUSED}")
+            if DISK_FULL in d.text:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            self.docs[d.id] = d.contents
 
     def delete(self, doc_ids: Sequence[str]) -> None:
         for i in doc_ids:
@@ -124,14 +138,32 @@ class SlowReranker(BaseStage):
         return [r.rescored(self.name, [float(c.rank) for c in r.candidates]) for r in rankings]
 
 
-def write_pipeline(folder: Path, name: str = "fake", *, delay: float = 0.0, slow: float | None = None) -> Path:
+def write_pipeline(
+    folder: Path, name: str = "fake", *, delay: float = 0.0, slow: float | None = None, add_delay: float = 0.0
+) -> Path:
     """A pipeline TOML for the fake stages (optionally followed by a slow reranker)."""
     extra = SLOW_STAGE.format(delay=slow) if slow is not None else ""
     path = folder / f"{name}.toml"
     path.write_text(
-        PIPELINE_TOML.format(name=name, delay=delay, extra=extra, extra_desc=" + slow reranker" if extra else "")
+        PIPELINE_TOML.format(
+            name=name, delay=delay, add_delay=add_delay, extra=extra, extra_desc=" + slow reranker" if extra else ""
+        )
     )
     return path
+
+
+TOPICS = ["glacier", "violin", "quasar", "orchid", "falcon", "basalt", "lantern", "meadow"]
+
+
+def write_topic_corpus(folder: Path, size: int) -> Path:
+    """A BEIR folder of ``size`` documents ``c<i>`` (eight topic words, a unique word ``w<i>`` each)."""
+    docs = [{"_id": f"c{i}", "title": f"{TOPICS[i % 8]} note {i}", "text": f"{TOPICS[i % 8]} corpus entry number w{i}"}
+            for i in range(size)]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": TOPICS[0]}) + "\n")
+    (folder / "qrels").mkdir(exist_ok=True)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tc0\t1\n")
+    return folder
 
 
 def register(monkeypatch=None) -> None:
@@ -174,13 +206,17 @@ def fake_server(config: Path, port: int | None = None) -> ServiceProcess:
 
 
 class ThreadServer:
-    """A real uvicorn server on 127.0.0.1 (OS-chosen port) in a background thread."""
+    """A real uvicorn server on 127.0.0.1 (OS-chosen port) in a background thread, configured as
+    ``streamrank serve`` configures it (header timeout, graceful shutdown)."""
 
     def __init__(self, app) -> None:
         import uvicorn
 
+        from streamrank.service.server import server_config
+
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        settings = app.state.service.settings
+        self.server = uvicorn.Server(server_config(app, settings, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:

@@ -1,0 +1,159 @@
+"""`streamrank compress`: SVD-compress a model, optionally heal it by distillation, save its factors.
+
+``compress_model_folder(model, output, CompressOptions(ratio=0.6, heal=True))``:
+
+1. loads the dense model (a sentence encoder, or a causal LM: SmolLM2, a GGUF file or any
+   ``*ForCausalLM`` folder) and a private copy of it;
+2. compresses the copy (:class:`streamrank.kernels.lowrank.LowRankSettings`: whitened SVD calibrated on
+   ``calibration`` texts, or plain SVD with ``calibration=None``);
+3. with ``heal``, distils the copy toward the dense model on corpus texts, factors only
+   (:mod:`streamrank.eval.compress_heal`);
+4. writes ``output/lowrank.safetensors`` + ``lowrank.json`` (the factors, as
+   :func:`streamrank.kernels.svd.save_compressed` does) and ``compress.json`` (what was done, how long it
+   took, and the ``lowrank`` setting that loads it).
+
+A pipeline then loads the factors as they are, with no decomposition at load time: in a dense stage
+``model = "<the same model>"`` and ``lowrank = {factors = "OUTPUT"}``; in an LLM reranker
+``llm = {model = "<the same model>", lowrank = {factors = "OUTPUT"}}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from streamrank.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "compress.json"
+DEFAULT_HEAL_TEXTS = 2000
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """What ``streamrank compress`` does; see the module notes."""
+
+    ratio: float
+    calibration: str | None = "auto"
+    calibration_size: int = 256
+    heal: bool = False
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-4
+    max_length: int = 128
+    texts: str | None = None
+    """Healing texts (a dataset name, folder or file, as for calibration); default: the calibration source."""
+    text_count: int = DEFAULT_HEAL_TEXTS
+    seed: int = 0
+    device: str | None = None
+
+
+def is_causal_lm(name: str) -> bool:
+    """True for SmolLM2, a ``.gguf`` file, or a model folder whose config names a ``*ForCausalLM``."""
+    from streamrank.models import is_smollm2, resolve_model
+
+    if is_smollm2(name) or name.lower().endswith(".gguf"):
+        return True
+    config = Path(resolve_model(name)) / "config.json"
+    if not config.exists() or (config.parent / "modules.json").exists():
+        return False  # a sentence-transformers folder (or a hub name): an encoder
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def _load(name: str, device: str) -> tuple[str, Any, Any]:
+    """``(kind, model, tokenizer)``: the module the pipeline compresses (encoder root or HF causal LM)."""
+    if is_causal_lm(name):
+        from streamrank.rankers.causal_lm_loading import LLMSettings, load_causal_lm
+
+        llm = load_causal_lm(LLMSettings(model=name), device)
+        return "causal-lm", llm.model, llm.tokenizer
+    from streamrank.models import load_sentence_encoder
+
+    return "encoder", load_sentence_encoder(name, device), None
+
+
+def compress_model_folder(model: str, output: str | Path, options: CompressOptions) -> dict[str, Any]:
+    """Compress (and heal) ``model``; write its factors and ``compress.json`` into ``output``; return the info."""
+    import torch
+
+    from streamrank.eval.compress_heal import HealSettings, heal_causal_lm, heal_encoder
+    from streamrank.kernels.calibrate import load_texts
+    from streamrank.kernels.lowrank import LowRankSettings
+    from streamrank.kernels.svd import lowrank_layers, save_compressed
+    from streamrank.models import default_device
+
+    out = Path(output)
+    if (out / "lowrank.json").exists():
+        raise ConfigError(f"{out} already holds compressed factors; choose another --output")
+    device = options.device or default_device()
+    try:
+        settings = LowRankSettings(
+            ratio=options.ratio, calibration=options.calibration, calibration_size=options.calibration_size
+        )
+    except ValueError as exc:
+        raise ConfigError(f"compress: {exc}") from exc
+    started = time.perf_counter()
+    kind, teacher, tokenizer = _load(model, device)
+    student = copy.deepcopy(teacher)
+    settings.apply(student, tokenizer=tokenizer)
+    compressed_at = time.perf_counter()
+    layers = lowrank_layers(student)
+    dense_params = sum(m.in_features * m.out_features for m in layers.values())
+    kept_params = sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
+    info: dict[str, Any] = {
+        "model": model,
+        "kind": kind,
+        "ratio": options.ratio,
+        "method": settings.method,
+        "calibration": options.calibration,
+        "layers": len(layers),
+        "linear_parameters_kept": round(kept_params / dense_params, 4),
+        "compress_seconds": round(compressed_at - started, 1),
+        "heal": None,
+        "options": asdict(options),
+    }
+    if options.heal:
+        source = options.texts or options.calibration or "auto"
+        texts = load_texts(source, options.text_count)
+        heal = HealSettings(
+            steps=options.steps,
+            batch_size=options.batch_size,
+            lr=options.lr,
+            max_length=options.max_length,
+            seed=options.seed,
+        )
+        torch.manual_seed(options.seed)
+        if kind == "encoder":
+            report = heal_encoder(student, teacher, texts, heal)
+        else:
+            report = heal_causal_lm(student, teacher, tokenizer, texts, heal)
+        info["heal"] = {**report.to_dict(), "texts": source, "text_count": len(texts), "device": device}
+    save_compressed(student, out)
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    info["lowrank"] = {"factors": str(out)}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def summary(info: dict[str, Any]) -> str:
+    """A few lines for the terminal: what was written and the setting that loads it."""
+    lines = [
+        f"{info['model']} ({info['kind']}): {info['layers']} layers, {info['linear_parameters_kept']:.0%} of the "
+        f"linear-layer parameters kept ({info['method']}), compressed in {info['compress_seconds']} s",
+    ]
+    heal = info.get("heal")
+    if heal:
+        lines.append(
+            f"healed {heal['steps']} steps on {heal['text_count']} texts of {heal['texts']} in {heal['seconds']} s "
+            f"({heal['device']}): loss {heal['loss_first']:.4f} -> {heal['loss_last']:.4f}"
+        )
+    where = info["lowrank"]["factors"]
+    lines.append(f'written to {where}; load it with lowrank = {{factors = "{where}"}} (same model)')
+    return "\n".join(lines)

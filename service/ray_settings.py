@@ -1,0 +1,90 @@
+"""Settings of the Ray back end (``ray = {...}`` in the service settings file); importing this module
+never imports Ray.
+
+    # service.toml
+    pipelines = ["configs/dense.toml", "configs/first.toml"]
+    batch_window_ms = 5          # the batching bounds are the service's own, for both back ends
+    max_batch_size = 32
+    [ray]
+    address = "auto"             # join a running cluster (default: start a local head)
+    replicas = 2                 # per pipeline deployment, unless a pipeline says otherwise
+    num_cpus = 1
+    [ray.pipelines.first]        # one GPU replica for the LLM reranking pipeline
+    replicas = 1
+    num_gpus = 1
+
+The environment form is JSON: ``STREAMRANK_RAY='{"replicas": 2}'``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling bounds of a deployment (replaces a fixed ``replicas``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    """Requests in flight per replica that the autoscaler aims for."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class DeploymentSettings(BaseModel):
+    """Placement of one pipeline deployment: replicas and what each replica reserves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per replica (Ray's scheduling unit; torch threads follow ``torch_threads``)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica: 1 puts each replica on its own GPU, 0.5 packs two on one."""
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    """Requests a replica holds at once (queued for ``serve.batch`` or running); default 8 full batches
+    per worker, at least 64. Serve's router backs off from a full replica, so a small bound keeps
+    batches small: with 32 it formed batches of 1-2 at 32 clients, with 256 batches of 10-20."""
+
+
+class RaySettings(DeploymentSettings):
+    """How ``streamrank serve --ray`` deploys: the cluster, the ingress, each pipeline, the shards."""
+
+    address: str | None = None
+    """Cluster to join (``auto``, ``ip:port``); None starts a local head on this machine."""
+    namespace: str = "streamrank"
+    app_name: str = "streamrank"
+    ingress_cpus: float = Field(0.5, ge=0)
+    """CPUs reserved for the ingress (the HTTP app, the document store and the write path)."""
+    shard_cpus: float = Field(0.25, ge=0)
+    """CPUs reserved per shard actor (pipelines with ``shards = N``)."""
+    shard_concurrency: int = Field(4, ge=1)
+    """Calls one shard actor serves at once (searches of several replicas)."""
+    pipelines: dict[str, DeploymentSettings] = Field(default_factory=dict)
+    """Per pipeline name: its own placement (keys not given come from the top level)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):  # STREAMRANK_RAY='{"replicas": 2}'
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    def deployment(self, pipeline: str) -> DeploymentSettings:
+        """The placement of ``pipeline``: its own table over the top-level values."""
+        base = {name: getattr(self, name) for name in DeploymentSettings.model_fields}
+        own = self.pipelines.get(pipeline)
+        if own is not None:
+            base.update({name: getattr(own, name) for name in own.model_fields_set})
+        return DeploymentSettings.model_validate(base)
