@@ -192,23 +192,9 @@ class Pipeline:
         if not documents:
             return
         store = self.context.store
-        ids = [d.id for d in documents]
-        previous = store.get_many(ids)
-        _write_or_raise("the document store", lambda: store.upsert(documents))
-        done: list[BaseStage] = []
-        for stage in self._write_stages(group):
-            try:
-                stage.add(documents)
-            except Exception as exc:
-                self._undo_write(ids, previous, [*done, stage])
-                error = _write_error(stage, ids, exc)
-                if error is None:
-                    raise
-                raise error from exc
-            done.append(stage)
-        for member in (self, *group):
-            for doc_id in ids:
-                member.quarantined.pop(doc_id, None)
+        self._write_everywhere(
+            [d.id for d in documents], lambda: store.upsert(documents), lambda stage: stage.add(documents), group
+        )
 
     def delete_documents(self, doc_ids: Sequence[str], *, group: Sequence[Pipeline] = ()) -> None:
         """Remove documents: from the store first (the source of truth ``recover`` trusts), then from
@@ -217,12 +203,22 @@ class Pipeline:
         if not ids:
             return
         store = self.context.store
-        previous = store.get_many(ids)
-        _write_or_raise("the document store", lambda: store.delete(ids))
+        self._write_everywhere(ids, lambda: store.delete(ids), lambda stage: stage.delete(ids), group)
+
+    def _write_everywhere(
+        self,
+        ids: list[str],
+        write_store: Callable[[], Any],
+        write_stage: Callable[[BaseStage], Any],
+        group: Sequence[Pipeline],
+    ) -> None:
+        """The store first, then every index of this pipeline and ``group``; on an error all of it undone."""
+        previous = self.context.store.get_many(ids)
+        _write_or_raise("the document store", write_store)
         done: list[BaseStage] = []
         for stage in self._write_stages(group):
             try:
-                stage.delete(ids)
+                write_stage(stage)
             except Exception as exc:
                 self._undo_write(ids, previous, [*done, stage])
                 error = _write_error(stage, ids, exc)
