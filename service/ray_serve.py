@@ -328,7 +328,15 @@ def deploy(settings: Settings) -> str:
     settings = absolute_settings(settings)
     ray_settings = settings.ray or RaySettings()
     start_ray(ray_settings)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    for attempt in (1, 2):
+        try:
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+            break
+        except RayActorError:  # the HTTP proxy died while starting (seen on a saturated machine)
+            if attempt == 2:
+                raise
+            log.warning("Ray Serve's HTTP proxy died while starting; shutting Serve down and starting it again")
+            serve.shutdown()
     serve.run(build_application(settings), name=ray_settings.app_name, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
 
