@@ -133,28 +133,6 @@ def rank_space_attention(
     return out
 
 
-def attention_from_rank_space(
-    pq: torch.Tensor,
-    pk: torch.Tensor,
-    pv: torch.Tensor,
-    q: Factors,
-    k: Factors,
-    v: Factors,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    key_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
-) -> torch.Tensor:
-    """Blockwise self-attention from rank-space inputs ``pq/pk/pv`` (``[B, S, r]``) and the ``U``/bias factors."""
-    return rank_space_attention(
-        pq, pk, pv, q, k, v, num_heads, num_kv_heads, key_mask, causal, scale,
-        block_q=block_q, block_k=block_k,
-    )  # fmt: skip
-
-
 def lowrank_attention(
     x: torch.Tensor,
     q: Factors,
@@ -169,7 +147,7 @@ def lowrank_attention(
     block_k: int = DEFAULT_BLOCK_K,
 ) -> torch.Tensor:
     """Self-attention context ``[B, S, H*D]`` computed block by block (same result as the reference)."""
-    return attention_from_rank_space(
+    return rank_space_attention(
         project(x, q.V),
         project(x, k.V),
         project(x, v.V),
@@ -181,6 +159,6 @@ def lowrank_attention(
         key_mask,
         causal,
         scale,
-        block_q,
-        block_k,
+        block_q=block_q,
+        block_k=block_k,
     )
