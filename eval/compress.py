@@ -12,6 +12,9 @@
    :func:`streamrank.kernels.svd.save_compressed` does) and ``compress.json`` (what was done, how long it
    took, and the ``lowrank`` setting that loads it).
 
+Healing shows a progress bar and saves a checkpoint into ``output/heal-checkpoint`` every 50 steps; a
+rerun of the same command after a crash compresses again (deterministic) and resumes healing there.
+
 A pipeline then loads the factors as they are, with no decomposition at load time: in a dense stage
 ``model = "<the same model>"`` and ``lowrank = {factors = "OUTPUT"}``; in an LLM reranker
 ``llm = {model = "<the same model>", lowrank = {factors = "OUTPUT"}}``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +36,8 @@ from streamrank.errors import ConfigError
 log = logging.getLogger(__name__)
 
 INFO_FILE = "compress.json"
+HEAL_CHECKPOINT = "heal-checkpoint"
+"""Folder in the output where healing saves its progress (removed once the factors are written)."""
 DEFAULT_HEAL_TEXTS = 2000
 
 
@@ -130,15 +136,17 @@ def compress_model_folder(model: str, output: str | Path, options: CompressOptio
             seed=options.seed,
         )
         torch.manual_seed(options.seed)
+        checkpoint = out / HEAL_CHECKPOINT  # a rerun with the same --output resumes healing from it
         if kind == "encoder":
-            report = heal_encoder(student, teacher, texts, heal)
+            report = heal_encoder(student, teacher, texts, heal, checkpoint)
         else:
-            report = heal_causal_lm(student, teacher, tokenizer, texts, heal)
+            report = heal_causal_lm(student, teacher, tokenizer, texts, heal, checkpoint)
         info["heal"] = {**report.to_dict(), "texts": source, "text_count": len(texts), "device": device}
     save_compressed(student, out)
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["lowrank"] = {"factors": str(out)}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(out / HEAL_CHECKPOINT, ignore_errors=True)  # the factors are saved: nothing to resume
     return info
 
 

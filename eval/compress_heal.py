@@ -7,21 +7,20 @@
 - Causal LMs (:func:`heal_causal_lm`): ``KL(teacher || student)`` of the next-token distributions at every
   position that is not padding (temperature 1), over corpus texts.
 
-Only ``U`` and ``V`` of every :class:`~streamrank.kernels.svd.LowRankLinear` are trained (AdamW, linear
-warm-up then cosine decay, gradient norm clipped at 1); biases, norms and embeddings stay as they were.
+Only ``U`` and ``V`` of every :class:`~streamrank.kernels.svd.LowRankLinear` are trained, in the training
+loop the rerankers use (:func:`~streamrank.eval.training.loop.run_loop`: AdamW, linear warm-up then cosine
+decay, gradient norm clipped at 1, a progress bar, checkpoints that a rerun resumes from); biases, norms
+and embeddings stay as they were.
 Training runs on the unfused backend (the plain two-GEMM product and the model's own attention, the
 same function as the fused kernels), in eval mode (no dropout); the backend is restored afterwards.
-Batches depend on ``seed`` only.
+Batches depend on ``seed`` and the step only, so a resumed run heals exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +29,6 @@ from torch import nn
 
 from streamrank.kernels.lowrank import set_backend
 from streamrank.kernels.svd import lowrank_layers
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class HealSettings:
     max_length: int = 128
     warmup: int = 10
     seed: int = 0
-    log_every: int = 10
+    checkpoint_every: int = 50
 
 
 @dataclass
@@ -58,6 +55,7 @@ class HealReport:
     loss_last: float
     losses: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +72,23 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in layers.values() for p in (layer.U, layer.V)]
 
 
-def _lr_factor(step: int, settings: HealSettings) -> float:
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    span = max(1, settings.steps - settings.warmup)
-    return 0.5 * (1 + math.cos(math.pi * (step - settings.warmup) / span))
+class _Student:
+    """The compressed model as the training loop sees it: its factors and a distillation loss."""
+
+    def __init__(self, model: nn.Module, loss_of: Callable[[list[str]], torch.Tensor]) -> None:
+        self.params = dict(zip(_factor_names(model), factor_parameters(model), strict=True))
+        self.loss_of = loss_of
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.params
+
+    def loss(self, batch: Sequence[str], rng: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.enable_grad():
+            return self.loss_of(list(batch)), {}
+
+
+def _factor_names(model: nn.Module) -> list[str]:
+    return [f"{name}.{part}" for name in lowrank_layers(model) for part in ("U", "V")]
 
 
 def _loop(
@@ -86,52 +96,48 @@ def _loop(
     texts: Sequence[str],
     settings: HealSettings,
     loss_of: Callable[[list[str]], torch.Tensor],
+    checkpoint: Path | None,
 ) -> HealReport:
-    """AdamW on the factors over batches of ``texts``; ``loss_of(batch)`` gives the distillation loss."""
+    """The shared training loop (AdamW, warm-up then cosine decay, progress bar, checkpoints every
+    ``checkpoint_every`` steps into ``checkpoint`` and resume from them) on the factors, over ``texts``."""
+    import tempfile
+
+    from streamrank.eval.training.loop import LoopSettings, run_loop
+
     if not texts:
         raise ValueError("no texts to heal on")
-    params = factor_parameters(student)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     backends = {name: layer.backend for name, layer in lowrank_layers(student).items()}
     backend = next(iter(backends.values()))
     set_backend(student, "unfused")
     student.eval()
-    rng = random.Random(settings.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    started = time.perf_counter()
+    wrapped = _Student(student, loss_of)
+    loop = LoopSettings(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
+        warmup=settings.warmup,
+        decay="cosine",
+        checkpoint_every=settings.checkpoint_every,
+    )
     try:
-        for step in range(settings.steps):
-            if len(order) < settings.batch_size:
-                fresh = list(range(len(texts)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch = [texts[i] for i in order[: settings.batch_size]]
-            del order[: settings.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * _lr_factor(step, settings)
-            with torch.enable_grad():
-                loss = loss_of(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if step % settings.log_every == 0 or step == settings.steps - 1:
-                log.info("heal step %d/%d loss %.5f (%.0f s)", step + 1, settings.steps, losses[-1],
-                         time.perf_counter() - started)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="streamrank-heal-") as scratch:
+            folder = checkpoint if checkpoint is not None else Path(scratch)
+            log = run_loop(wrapped, list(texts), loop, folder, resume=checkpoint is not None, desc="heal")
     finally:
-        for p in params:
+        for p in wrapped.params.values():
             p.requires_grad_(False)
         set_backend(student, backend)
+    losses = log.losses
     return HealReport(
         steps=settings.steps,
-        seconds=round(time.perf_counter() - started, 1),
-        trained_parameters=sum(p.numel() for p in params),
+        seconds=round(log.seconds, 1),
+        trained_parameters=sum(p.numel() for p in wrapped.params.values()),
         loss_first=losses[0] if losses else float("nan"),
         loss_last=float(sum(losses[-10:]) / len(losses[-10:])) if losses else float("nan"),
         losses=[round(x, 6) for x in losses],
         settings=asdict(settings),
+        resumed_from=log.resumed_from,
     )
 
 
@@ -147,7 +153,11 @@ def query_like(texts: Sequence[str], words: int = 12) -> list[str]:
 
 
 def heal_encoder(
-    student: nn.Module, teacher: nn.Module, texts: Sequence[str], settings: HealSettings
+    student: nn.Module,
+    teacher: nn.Module,
+    texts: Sequence[str],
+    settings: HealSettings,
+    checkpoint: Path | None = None,
 ) -> HealReport:
     """Distil a compressed SentenceTransformer ``student`` toward ``teacher`` (both loaded the same way)."""
     teacher.eval()
@@ -167,11 +177,16 @@ def heal_encoder(
         )
         return sentence.mean() + tokens.mean()
 
-    return _loop(student, query_like(texts), settings, loss_of)
+    return _loop(student, query_like(texts), settings, loss_of, checkpoint)
 
 
 def heal_causal_lm(
-    student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence[str], settings: HealSettings
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    settings: HealSettings,
+    checkpoint: Path | None = None,
 ) -> HealReport:
     """Distil a compressed causal LM ``student`` toward ``teacher``: KL of next-token distributions."""
     teacher.eval()
@@ -197,4 +212,4 @@ def heal_causal_lm(
         )
         return kl.sum(-1).mean()
 
-    return _loop(student, list(texts), settings, loss_of)
+    return _loop(student, list(texts), settings, loss_of, checkpoint)

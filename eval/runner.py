@@ -50,10 +50,17 @@ def run_eval(
     compare: Sequence[Path] = (),
     *,
     measures: Sequence[str] | None = None,
+    top: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``pipeline`` on ``dataset``/``split``; write the outputs to ``output``; return metrics.json."""
+    """Evaluate ``pipeline`` on ``dataset``/``split``; write the outputs to ``output``; return metrics.json.
+
+    ``top``: rank each query as a request for its best ``top`` would (the serving path: the last stage
+    searches only as deep as that needs, fusion's retrievers ``serve_depth`` deep); default: full depth.
+    """
     if batch_size < 1:
         raise StreamRankError(f"batch size must be at least 1, got {batch_size}")
+    if top is not None and top < 1:
+        raise StreamRankError(f"--top must be at least 1, got {top}")
     data = load_dataset(dataset)
     queries = data.queries(split)[: limit if limit else None]
     if not queries:
@@ -69,7 +76,7 @@ def run_eval(
         started = time.perf_counter()
         pools = _candidate_pools(data, split, candidates, pipe)
         rankings = _initial_rankings(queries, pools)
-        run, latencies, stage_ms, calls = rank_run(pipe, rankings, batch_size, data.excluded_ids(split))
+        run, latencies, stage_ms, calls = rank_run(pipe, rankings, batch_size, data.excluded_ids(split), top=top)
         judged = data.qrels(split)
         per_query = per_query_metrics(
             {qid: dict(hits) for qid, hits in run.items()}, {q.id: judged[q.id] for q in queries}, measures
@@ -84,6 +91,7 @@ def run_eval(
         "pipeline": pipe.name,
         "split": split,
         "queries": len(queries),
+        "top": top,
         "metrics": metrics,
         "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95)},
         "stages": {name: {"mean_ms": sum(v) / len(v)} for name, v in stage_ms.items()},
@@ -150,9 +158,14 @@ def _initial_rankings(queries: Sequence[Query], pools: Mapping[str, list[Candida
 
 
 def rank_run(
-    pipe: Pipeline, rankings: Sequence[Ranking], batch_size: int, excluded: Mapping[str, set[str]]
+    pipe: Pipeline,
+    rankings: Sequence[Ranking],
+    batch_size: int,
+    excluded: Mapping[str, set[str]],
+    top: int | None = None,
 ) -> tuple[RunList, list[float], dict[str, list[float]], dict[str, int]]:
-    """Run the pipeline batch by batch; keep only the run, per-query latency, stage times, call totals."""
+    """Run the pipeline batch by batch (``top``: as requests for that many); keep only the run, per-query
+    latency, stage times, call totals."""
     from tqdm import tqdm
 
     run: RunList = {}
@@ -165,7 +178,7 @@ def rank_run(
         for start in range(0, len(rankings), batch_size):
             batch = list(rankings[start : start + batch_size])
             began = time.perf_counter()
-            ranked = pipe.run(batch, k=None)
+            ranked = pipe.run(batch, k=top)
             per_query_ms = (time.perf_counter() - began) * 1000.0 / len(batch)
             for ranking in ranked:
                 latencies.append(per_query_ms)
@@ -281,7 +294,14 @@ class ReproRow(BaseModel):
     tolerance: float = 0.005
     limit: int | None = None
     candidates: str | None = None
+    top: int | None = None
     note: str = ""
+
+    @property
+    def label(self) -> str:
+        """The pipeline as the check's table names it (``hybrid``, ``hybrid top 10``)."""
+        stem = Path(self.pipeline).stem
+        return f"{stem} top {self.top}" if self.top is not None else stem
 
 
 def load_table(path: str | Path | None = None) -> list[ReproRow]:
@@ -348,7 +368,7 @@ def check_reproducibility(
 
 def _check_row(i: int, row: ReproRow, limit: int | None, base: Path) -> list[Any]:
     name = f"{i:02d}-{slug(row.dataset)}-{slug(Path(row.pipeline).stem)}"
-    cells: list[Any] = [row.dataset, Path(row.pipeline).stem, row.measure, row.expected]
+    cells: list[Any] = [row.dataset, row.label, row.measure, row.expected]
     try:
         measure = measure_name(row.measure)
         measures = list(dict.fromkeys([*default_measures(load_dataset(row.dataset).rel_level), measure]))
@@ -361,6 +381,7 @@ def _check_row(i: int, row: ReproRow, limit: int | None, base: Path) -> list[Any
             candidates=row.candidates,
             batch_size=16,
             measures=measures,
+            top=row.top,
         )
     except Exception as exc:  # noqa: BLE001 - one broken row is reported as ERROR; the table goes on
         print(f"row {i} ({row.dataset}, {row.pipeline}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)

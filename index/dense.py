@@ -77,6 +77,10 @@ class DenseConfig(IndexedConfig):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Encoder weights dtype; bfloat16 is several times faster on CPUs with AVX-512 BF16 / AMX and on GPUs,
     with vectors a little different (index-time: a change needs a rebuild)."""
+    query_dtype: Literal["float32", "bfloat16", "auto"] | None = None
+    """Dtype of the query encoder (search-time: no rebuild). None: ``dtype``; ``auto``: bfloat16 where it
+    runs natively (CUDA, CPUs with AVX-512 BF16 or AMX), else ``dtype``. bfloat16 query vectors against a
+    float32 index: cosine >= 0.998 to the float32 ones, 2.6x faster at batch 16 on such a CPU (BENCHMARKS.md)."""
     use_gpu: bool = True
     """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
     history_weight: float = Field(0.0, ge=0, le=1)
@@ -130,17 +134,31 @@ class DenseRetriever(IndexedRetriever):
     # ---- encoding -----------------------------------------------------------------------------
     @property
     def encoding(self) -> SentenceEncoding:
+        """The document-side encoding (the index's dtype), also what other stages reuse."""
+        return self._encoding(self.config.dtype)
+
+    @property
+    def query_encoding(self) -> SentenceEncoding:
+        """The query-side encoding: the index's, or the same model in ``query_dtype``."""
+        from streamrank.models import resolve_dtype
+
+        cfg = self.config
+        if cfg.query_dtype is None:
+            return self.encoding
+        return self._encoding(resolve_dtype(cfg.query_dtype, self.context.device, fallback=cfg.dtype))
+
+    def _encoding(self, dtype: str) -> SentenceEncoding:
         cfg = self.config
         lowrank = json.dumps(cfg.lowrank, sort_keys=True) if cfg.lowrank is not None else None
         return SentenceEncoding(
             self.context,
             cfg.model,
-            dtype=cfg.dtype,
+            dtype=dtype,
             batch_size=cfg.batch_size,
             use_model_prompts=cfg.use_model_prompts,
             prefixes={"query": cfg.query_prefix, "document": cfg.document_prefix},
             variant=lowrank,
-            loader=self._lowrank_encoder if lowrank is not None else None,
+            loader=(lambda: self._lowrank_encoder(dtype)) if lowrank is not None else None,
         )
 
     @property
@@ -148,18 +166,19 @@ class DenseRetriever(IndexedRetriever):
         """The sentence-transformers model (a private low-rank copy when ``lowrank`` is set)."""
         return self.encoding.model
 
-    def _lowrank_encoder(self) -> Any:
+    def _lowrank_encoder(self, dtype: str) -> Any:
         """A private copy of the encoder, SVD-compressed (the shared uncompressed one stays as it is)."""
         from streamrank.kernels.lowrank import LowRankSettings
         from streamrank.models import load_sentence_encoder
 
-        encoder = load_sentence_encoder(self.config.model, self.context.device, self.config.dtype)
+        encoder = load_sentence_encoder(self.config.model, self.context.device, dtype)
         LowRankSettings.from_dict(self.config.lowrank or {}).apply(encoder)
         return encoder
 
     def _encode(self, texts: Sequence[str], role: Role, checkpoint: Path | None = None) -> np.ndarray:
         progress = len(texts) >= SHOW_PROGRESS_FROM
-        return self.encoding.encode(texts, role, progress=progress, checkpoint=checkpoint)
+        encoding = self.query_encoding if role == "query" else self.encoding
+        return encoding.encode(texts, role, progress=progress, checkpoint=checkpoint)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 query embeddings, shape (len(texts), dim)."""

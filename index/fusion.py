@@ -15,12 +15,16 @@ the retriever's name) and gets the fused score as this stage's score. The method
 functions of :mod:`streamrank.index.scores` (``fuse``): ``rrf`` (``sum_i w_i / (rrf_k + rank_i)``),
 ``minmax`` and ``zscore`` (normalised score interpolation). Weights default to 1 each. Ties are
 broken by ascending doc id, as pyserini's ``TrecRun.merge``.
+
+Serving a request for the top ``k`` (fusion as the last stage), each retriever searches only
+``serve_depth`` (default 100) deep instead of its ``k``: most of a 1,000-deep hybrid request was the
+two deep searches and fusing 2,000 hits (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
@@ -38,6 +42,12 @@ class FusionConfig(StageConfig):
     """One weight per retriever (default: 1 each)."""
     retrievers: list[dict[str, Any]] = Field(min_length=1)
     """Stage tables of the retrievers to fuse."""
+    serve_depth: int | None = Field(100, ge=1)
+    """How deep each retriever searches when this fusion is the pipeline's last stage answering a request
+    for its top ``k``: ``max(k, serve_depth)``, capped by the retriever's own ``k`` (so a value of at
+    least the retrievers' ``k``, or None, keeps that ``k``). A deliberate approximation (a document below this depth in every list cannot reach the
+    answer), which :func:`run` at full depth (evaluation) does not make; its cost in nDCG@10 is in
+    BENCHMARKS.md (``streamrank eval --top 10`` measures the serving path)."""
 
 
 class FusionStage(BaseStage):
@@ -66,11 +76,21 @@ class FusionStage(BaseStage):
         return self.retrievers
 
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        return self._fuse(rankings, lambda child: child.run(rankings))
+
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        """Fusion of the retrievers' best ``max(k, serve_depth)`` (see ``FusionConfig.serve_depth``)."""
+        if self.config.serve_depth is None:
+            return self.run(rankings)
+        depth = max(k, self.config.serve_depth)
+        return self._fuse(rankings, lambda child: child.run_top(rankings, depth))
+
+    def _fuse(self, rankings: Sequence[Ranking], run_child: Callable[[BaseStage], list[Ranking]]) -> list[Ranking]:
         outputs: list[list[Ranking]] = []
         elapsed: list[float] = []
         for child in self.children:
             started = time.perf_counter()
-            outputs.append(child.run(rankings))
+            outputs.append(run_child(child))
             elapsed.append((time.perf_counter() - started) * 1000.0)
         fused_rankings = []
         for position, ranking in enumerate(rankings):

@@ -13,6 +13,11 @@ Application ``streamrank`` (one Serve application, route ``/``):
   bounds (:class:`~streamrank.service.batching.BatchPolicy`: ``batch_window_ms``,
   ``max_batch_size``, ``workers``): one batching policy, two back ends. Replicas, CPUs and GPUs per
   replica and autoscaling bounds come from ``ray = {...}`` (:mod:`streamrank.service.ray_settings`).
+- ``rerank-<name>`` (pipelines whose placement has ``rerankers = {...}``): the pipeline's stages from
+  its first reranker on, in replicas of their own; the ``pipeline-<name>`` replicas then run only the
+  stages before it (the first stage) and hand each formed batch on through a deployment handle, so a
+  GPU reranker with one replica can sit behind several CPU retrieval replicas. The rankings equal
+  those of the whole pipeline in one process (the same stages run on the same rankings).
 - shard actors (pipelines with ``shards = N``): :mod:`streamrank.service.ray_shards`.
 
 Replicas read the index files the ingress writes: a replica reopens an index when its manifest
@@ -43,7 +48,7 @@ from streamrank.errors import IndexMismatchError
 from streamrank.service.app import create_app
 from streamrank.service.batching import BatchObserver, BatchPolicy, RunResult, ServiceUnavailable
 from streamrank.service.metrics import Metrics
-from streamrank.service.ray_settings import RaySettings
+from streamrank.service.ray_settings import DeploymentSettings, RaySettings
 from streamrank.service.settings import Settings
 from streamrank.service.state import ServiceState
 from streamrank.types import Ranking
@@ -76,10 +81,27 @@ def _largest(values: Sequence[float | None]) -> float | None:
     return None if any(v is None for v in values) else max(v for v in values if v is not None)
 
 
-class PipelineReplica:
-    """A replica of a pipeline deployment: the pipeline loaded, requests run in ``serve.batch`` batches."""
+def reranker_split(ref: str) -> int | None:
+    """Position of the pipeline's first reranker stage (where a ``rerank-<name>`` deployment takes over);
+    None when it has none. Reads the file only: nothing is built or loaded."""
+    from streamrank.config import read_config, validate_stage
+    from streamrank.rankers.base import Reranker
 
-    def __init__(self, ref: str, settings: dict[str, Any]) -> None:
+    config, source = read_config(ref)
+    for i, options in enumerate(config.stages):
+        cls, _ = validate_stage(options, f"{source}: stages[{i}]")
+        if issubclass(cls, Reranker):
+            return i if i > 0 else None  # a pipeline that only reranks has no first stage to split off
+    return None
+
+
+class PipelineReplica:
+    """A replica of a pipeline deployment: the pipeline loaded, requests run in ``serve.batch`` batches.
+
+    With ``rerankers`` (a handle of the ``rerank-<name>`` deployment) it runs the stages before
+    ``split`` and the reranker deployment the rest."""
+
+    def __init__(self, ref: str, settings: dict[str, Any], rerankers: Any = None, split: int | None = None) -> None:
         from streamrank.config import load_pipeline
         from streamrank.service.ray_shards import install_shard_backend
 
@@ -90,6 +112,7 @@ class PipelineReplica:
             torch.set_num_threads(s.torch_threads)
         install_shard_backend(s.ray or RaySettings(), s.torch_threads)
         self.pipeline = load_pipeline(ref, corpus=s.corpus, index_dir=s.index_dir)
+        self.rerankers, self.split = rerankers, split
         self.policy = BatchPolicy.of(s)
         batch = serve.batch(
             max_batch_size=self.policy.max_batch,
@@ -99,10 +122,7 @@ class PipelineReplica:
         self._search = batch(self._run_batch)
         self._rerank = batch(self._run_batch)
         if s.warmup:
-            if self.pipeline.context.index_dir is not None:
-                self.pipeline.search("warm up", k=1)
-            else:
-                self.pipeline.rerank("warm up", ["warm up"], k=1)
+            warm_up(self.pipeline, slice(0, split) if rerankers is not None else None)
 
     async def search(self, ranking: Ranking, k: int | None, remaining_s: float | None) -> Reply:
         return await self._search((ranking, k, _deadline(remaining_s)))
@@ -151,15 +171,56 @@ class PipelineReplica:
         return [r.top_k(i[1]) if i[1] is not None else r for r, i in zip(results, items, strict=True)]
 
     def _with_reload(self, rankings: list[Ranking], k: int | None, deadline: float | None) -> list[Ranking]:
-        """``Pipeline.run``; once more after a moment if an index was caught half rewritten by the
-        ingress (its files change while this replica reopens them)."""
-        try:
-            return self.pipeline.run(rankings, k=k, deadline=deadline)
-        except IndexMismatchError as exc:
-            if "inconsistent" not in str(exc):
-                raise
-            time.sleep(0.05)
-            return self.pipeline.run(rankings, k=k, deadline=deadline)
+        """The pipeline (or its first stage, then the reranker deployment) over ``rankings``."""
+        if self.rerankers is None:
+            return run_reloading(self.pipeline, rankings, k=k, deadline=deadline)
+        first = run_reloading(self.pipeline, rankings, k=None, deadline=deadline, stages=slice(0, self.split))
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.rerankers.run.remote(first, k, remaining).result()
+
+
+class RerankerReplica:
+    """A replica of a ``rerank-<name>`` deployment: the pipeline's stages from ``split`` on, run on the
+    batches the first-stage replicas formed (no second batching window)."""
+
+    def __init__(self, ref: str, settings: dict[str, Any], split: int) -> None:
+        from streamrank.config import load_pipeline
+
+        s = Settings.model_validate(settings)
+        if s.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        self.pipeline = load_pipeline(ref, corpus=s.corpus, index_dir=s.index_dir)
+        self.split = split
+        if s.warmup:
+            warm_up(self.pipeline, slice(split, None))
+
+    def run(self, rankings: list[Ranking], k: int | None, remaining_s: float | None) -> list[Ranking]:
+        stages = slice(self.split, None)
+        return run_reloading(self.pipeline, rankings, k=k, deadline=_deadline(remaining_s), stages=stages)
+
+
+def warm_up(pipeline: Any, stages: slice | None) -> None:
+    """One tiny request through ``stages`` of the pipeline, so models are loaded before traffic comes."""
+    from streamrank.pipeline import as_query, candidate_pool
+
+    if pipeline.context.index_dir is not None and (stages is None or stages.start in (None, 0)):
+        pipeline.run([Ranking(query=as_query("warm up"))], k=1, stages=stages)
+    else:
+        pipeline.run([candidate_pool("warm up", ["warm up"])], k=1, stages=stages)
+
+
+def run_reloading(pipeline: Any, rankings: list[Ranking], **options: Any) -> list[Ranking]:
+    """``Pipeline.run``; once more after a moment if an index was caught half rewritten by the ingress
+    (its files change while this replica reopens them)."""
+    try:
+        return pipeline.run(rankings, **options)
+    except IndexMismatchError as exc:
+        if "inconsistent" not in str(exc):
+            raise
+        time.sleep(0.05)
+        return pipeline.run(rankings, **options)
 
 
 def _deadline(remaining_s: float | None) -> float | None:
@@ -235,7 +296,7 @@ def deployment_problems(app_name: str) -> tuple[list[str], list[str]]:
     for name, deployment in app.deployments.items():
         running = deployment.replica_states.get("RUNNING", 0)
         state = str(getattr(deployment.status, "value", deployment.status))
-        if name.startswith("pipeline-") and running == 0:
+        if name.startswith(("pipeline-", "rerank-")) and running == 0:
             down.append(f"deployment {name!r} has no running replica ({state})")
         elif state != "HEALTHY":
             problems.append(f"deployment {name!r}: {state}, {running} replicas running ({deployment.message or 'no message'})")
@@ -288,17 +349,20 @@ def build_application(settings: Settings) -> Any:
         if name in handles:
             raise ConfigError(f"two pipelines are named {name!r} ({ref}); give them distinct names")
         placement = ray_settings.deployment(name)
-        options: dict[str, Any] = {
-            "name": f"pipeline-{name}",
-            "ray_actor_options": {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus, "runtime_env": env},
-            "max_ongoing_requests": placement.max_ongoing_requests or max(64, 8 * policy.max_batch * policy.workers),
-            "logging_config": logging_config,
-        }
-        if placement.autoscaling is not None:
-            options["autoscaling_config"] = placement.autoscaling.model_dump()
-        else:
-            options["num_replicas"] = placement.replicas
-        handles[name] = serve.deployment(PipelineReplica).options(**options).bind(ref, payload)
+        options = deployment_options(f"pipeline-{name}", placement, policy, env, logging_config)
+        rerankers, split = None, None
+        if placement.rerankers is not None:
+            split = reranker_split(ref)
+            own = ray_settings.pipelines.get(name)
+            if split is None and own is not None and "rerankers" in own.model_fields_set:
+                raise ConfigError(
+                    f"ray.pipelines.{name}.rerankers: pipeline {name!r} ({ref}) has no reranker after a first "
+                    "stage to deploy apart; remove `rerankers` from its table"
+                )
+        if split is not None and placement.rerankers is not None:
+            own_options = deployment_options(f"rerank-{name}", placement.rerankers, policy, env, logging_config)
+            rerankers = serve.deployment(RerankerReplica).options(**own_options).bind(ref, payload, split)
+        handles[name] = serve.deployment(PipelineReplica).options(**options).bind(ref, payload, rerankers, split)
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=1,
@@ -307,6 +371,23 @@ def build_application(settings: Settings) -> Any:
         logging_config=logging_config,
     )
     return ingress.bind(payload, handles, ray_settings.app_name)
+
+
+def deployment_options(
+    name: str, placement: DeploymentSettings, policy: BatchPolicy, env: dict[str, Any], logging_config: dict[str, Any]
+) -> dict[str, Any]:
+    """Serve options of one deployment: replicas (or autoscaling), CPUs/GPUs per replica, queue bound."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus, "runtime_env": env},
+        "max_ongoing_requests": placement.max_ongoing_requests or max(64, 8 * policy.max_batch * policy.workers),
+        "logging_config": logging_config,
+    }
+    if placement.autoscaling is not None:
+        options["autoscaling_config"] = placement.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = placement.replicas
+    return options
 
 
 def start_ray(ray_settings: RaySettings, **init: Any) -> None:

@@ -9,9 +9,9 @@ never imports Ray.
     address = "auto"             # join a running cluster (default: start a local head)
     replicas = 2                 # per pipeline deployment, unless a pipeline says otherwise
     num_cpus = 1
-    [ray.pipelines.first]        # one GPU replica for the LLM reranking pipeline
-    replicas = 1
-    num_gpus = 1
+    [ray.pipelines.first]        # the LLM reranking pipeline: 2 CPU retrieval replicas ...
+    replicas = 2
+    rerankers = {replicas = 1, num_gpus = 1}   # ... in front of one GPU reranker replica
 
 The environment form is JSON: ``STREAMRANK_RAY='{"replicas": 2}'``.
 """
@@ -56,6 +56,11 @@ class DeploymentSettings(BaseModel):
     """Requests a replica holds at once (queued for ``serve.batch`` or running); default 8 full batches
     per worker, at least 64. Serve's router backs off from a full replica, so a small bound keeps
     batches small: with 32 it formed batches of 1-2 at 32 clients, with 256 batches of 10-20."""
+    rerankers: DeploymentSettings | None = None
+    """Run the pipeline's rerankers (its stages from the first reranker on) in a deployment of their
+    own, ``rerank-<name>``, with this placement: the ``pipeline-<name>`` replicas run the first stage
+    and hand each batch on through a deployment handle, so the two scale apart (a GPU reranker with
+    one replica behind several CPU retrieval replicas). None: the whole pipeline in one deployment."""
 
 
 class RaySettings(DeploymentSettings):

@@ -81,6 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         index_dir=args.index_dir,
         compare=[Path(p) for p in args.compare],
+        top=args.top,
     )
     print(json.dumps(result["metrics"], indent=2))
     return 0
@@ -113,7 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from streamrank.eval.bench import run_benchmark
 
     name = f"{args.name}-ray" if args.ray else args.name  # `bench service --ray` is `service-ray`
-    run_benchmark(name, output_dir=Path(args.output) if args.output else None, quick=args.quick)
+    options = {"pipelines": args.pipelines.split(",")} if args.pipelines else {}
+    run_benchmark(name, output_dir=Path(args.output) if args.output else None, quick=args.quick, **options)
     return 0
 
 
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="evaluate only the first N queries")
     p.add_argument("--candidates", help="candidate file (JSON hits or TREC run) to rerank instead of retrieving")
+    p.add_argument("--top", type=int, help="rank as a request for the best TOP does (the serving path); default: full depth")
     p.add_argument("--batch-size", type=int, default=1, help="queries per pipeline call (1 = true per-query latency)")
     p.add_argument("--index-dir")
     p.add_argument("--compare", nargs="*", default=[], help="earlier output folders to chart beside this run")
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--ray", action="store_true", help="service: beside the same servers on Ray Serve (needs streamrank[ray])")
+    p.add_argument("--pipelines", help="service: comma-separated configs to measure (default: bm25,dense,hybrid,e2rank)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-ranker", help="train a pipeline's learned ranker on a train split")

@@ -125,6 +125,27 @@ or AMX (EmbeddingGemma: 4.2x here, cosine to the float32 vectors >= 0.998); floa
 Gemma-family encoders overflow in it."""
 
 
+def bfloat16_is_native(device: str | None = None) -> bool:
+    """Whether bfloat16 matmuls run natively here: a CUDA GPU that supports them, or a CPU with AVX-512 BF16
+    or AMX (Linux CPU flags; other systems report False, so ``auto`` stays float32 there)."""
+    import torch
+
+    if (device or default_device()).startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str | None = None, fallback: str = "float32") -> str:
+    """``dtype`` itself, or for ``"auto"``: bfloat16 where it runs natively, else ``fallback``."""
+    if dtype == "auto":
+        return "bfloat16" if bfloat16_is_native(device) else fallback
+    return dtype
+
+
 def load_sentence_encoder(name: str, device: str | None = None, dtype: str = "float32"):
     """Load a sentence-transformers model (lazy import) in ``dtype``."""
     import torch

@@ -93,8 +93,9 @@ class Pipeline:
         k: int | None = None,
         deadline: float | None = None,
         on_stage: Callable[[str, list[Ranking]], None] | None = None,
+        stages: slice | None = None,
     ) -> list[Ranking]:
-        """Run every stage over the batch, timing each.
+        """Run every stage (``stages``: a slice of them) over the batch, timing each.
 
         Rankings that arrive with candidates are scored as given (retrievers rescore the supplied
         pool instead of searching the index). With a ``deadline`` (``time.monotonic()`` value),
@@ -104,7 +105,7 @@ class Pipeline:
         """
         current = list(rankings)
         last = self.stages[-1] if self.stages else None
-        for stage in self.stages:
+        for stage in self.stages[stages or slice(None)]:
             if deadline is not None and time.monotonic() >= deadline and any(r.candidates for r in current):
                 for r in current:
                     r.degraded = True

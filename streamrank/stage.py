@@ -65,7 +65,8 @@ class BaseStage:
         """``run`` when only the best ``k`` of the output will be used (the pipeline's last stage).
 
         Stages that can do less work for that override it (retrievers search only ``k`` deep);
-        the result's top ``k`` must equal the top ``k`` of ``run``.
+        the result's top ``k`` must equal the top ``k`` of ``run``, except where a stage documents a
+        configured approximation (fusion's ``serve_depth``).
         """
         return self.run(rankings)
 

@@ -1,7 +1,8 @@
 """`streamrank bench NAME`: benchmarks registered by name, each writing ``NAME.json`` with machine info.
 
-A benchmark is a function ``(output_dir: Path | None, quick: bool) -> dict`` of figures, imported
-only when run. ``quick`` asks for small sizes (a smoke run).
+A benchmark is a function ``(output_dir: Path | None, quick: bool, **options) -> dict`` of figures,
+imported only when run. ``quick`` asks for small sizes (a smoke run); ``options`` are the few a benchmark
+takes by keyword (``service``: ``pipelines``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -30,7 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
 }
 
-Benchmark = Callable[[Path | None, bool], dict[str, Any]]
+Benchmark = Callable[..., dict[str, Any]]
 
 
 def benchmark_function(name: str) -> Benchmark:
@@ -76,19 +78,25 @@ class _WriteFlag:
         return getattr(self.stream, name)
 
 
-def run_benchmark(name: str, output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    name: str, output_dir: Path | None = None, quick: bool = False, **options: Any
+) -> dict[str, Any]:
     """Run benchmark ``name``; print its figures as JSON unless it printed its own; write ``NAME.json``."""
     function = benchmark_function(name)
+    accepted = inspect.signature(function).parameters
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise StreamRankError(f"benchmark {name!r} takes no {', '.join('--' + k for k in unknown)}")
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     flag = _WriteFlag(sys.stdout)
     sys.stdout = flag  # type: ignore[assignment]
     try:
-        figures = function(out, quick)
+        figures = function(out, quick, **options)
     finally:
         sys.stdout = flag.stream
-    payload = {"benchmark": name, "quick": quick, "machine": machine_info(), "results": figures}
+    payload = {"benchmark": name, "quick": quick, **options, "machine": machine_info(), "results": figures}
     if not flag.written:
         print(json.dumps(figures, indent=2, default=str))
     if out is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrank.config import CONFIG_DIR
+from streamrank.errors import StreamRankError
 from streamrank.eval.bench.service_load import ServiceProcess, batch_counts, drive
 
 PIPELINES = ("bm25", "dense", "hybrid", "e2rank")
@@ -70,25 +71,60 @@ def quick_index(work: Path) -> str:
     return f'corpus = "{corpus}"\nindex_dir = "{work / "index"}"\n'
 
 
-def run_service_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """Throughput and p50/p95/p99 latency at 1, 8, 32 clients, per pipeline, with and without batching."""
+def run_service_benchmark(
+    output_dir: Path | None = None, quick: bool = False, pipelines: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Throughput and p50/p95/p99 latency at 1, 8, 32 clients, per pipeline, with and without batching;
+    beside them (full runs) each pipeline's SciFact nDCG@10 as served (top 10) and as evaluated."""
+    names = tuple(pipelines or (("bm25",) if quick else PIPELINES))
+    missing = [n for n in names if not config_path(n).is_file()]
+    if missing:
+        raise StreamRankError(f"bench service: no pipeline file {', '.join(missing)} (a name in {CONFIG_DIR} or a path)")
     with tempfile.TemporaryDirectory(prefix="streamrank-bench-service-") as tmp:
         work = Path(tmp)
         if quick:
-            figures = measure(("bm25",), work, quick=True, extra=quick_index(work))
+            figures = measure(names, work, quick=True, extra=quick_index(work))
             figures["dataset"] = f"scifact (first {QUICK_DOCS} documents)"
         else:
-            figures = measure(PIPELINES, work)
+            figures = measure(names, work)
+            figures["quality"] = serving_quality(names, work)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "service.md").write_text(markdown_table(figures))
     return figures
 
 
+def config_path(pipeline: str) -> Path:
+    """``configs/<pipeline>.toml`` of the package, or ``pipeline`` itself when it is a ``.toml`` path."""
+    return Path(pipeline) if pipeline.endswith(".toml") else CONFIG_DIR / f"{pipeline}.toml"
+
+
+def label(pipeline: str) -> str:
+    """How a pipeline is named in the tables (a file's stem)."""
+    return Path(pipeline).stem
+
+
+def serving_quality(pipelines: Sequence[str], work: Path) -> dict[str, dict[str, float]]:
+    """SciFact test nDCG@10 per pipeline as a request for the top 10 gets it and at full depth (eval)."""
+    from streamrank.eval.runner import run_eval
+
+    quality: dict[str, dict[str, float]] = {}
+    for pipeline in pipelines:
+        config, name = config_path(pipeline), label(pipeline)
+        served = run_eval("scifact", config, work / f"eval-{name}-top10", batch_size=16, top=10)
+        evaluated = run_eval("scifact", config, work / f"eval-{name}-full", batch_size=16)
+        quality[name] = {
+            "served_top10": round(served["metrics"]["nDCG@10"], 4),
+            "evaluated": round(evaluated["metrics"]["nDCG@10"], 4),
+        }
+        print(f"{name:<7} SciFact nDCG@10 served {quality[name]['served_top10']}  evaluated {quality[name]['evaluated']}")
+    return quality
+
+
 def server_settings(pipeline: str, batching: bool, workers: int, torch_threads: int, extra: str = "") -> str:
     """A service settings file serving ``configs/<pipeline>.toml`` (``extra``: more settings lines)."""
     return (
-        f'pipelines = ["{CONFIG_DIR / (pipeline + ".toml")}"]\nbatching = {str(batching).lower()}\n'
+        f'pipelines = ["{config_path(pipeline)}"]\nbatching = {str(batching).lower()}\n'
         f'workers = {workers}\ntorch_threads = {torch_threads}\nlog_level = "warning"\n{extra}'
     )
 
@@ -96,17 +132,20 @@ def server_settings(pipeline: str, batching: bool, workers: int, torch_threads: 
 def measure(
     pipelines: Sequence[str], work: Path, *, quick: bool = False, extra: str = "", workers: int = 1, torch_threads: int = 1
 ) -> dict[str, Any]:
-    """Start one server per pipeline (configs/<name>.toml) and batching mode, drive it, collect rows.
+    """Start one server per pipeline (a name in configs/ or a path) and batching mode, drive it, collect rows.
 
     ``extra`` is appended to each server's settings file (e.g. ``corpus``/``index_dir`` overrides).
     """
     queries = scifact_queries()
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    for name in pipelines:
+    from streamrank.config import read_config
+
+    for pipeline in pipelines:
+        name, served_as = label(pipeline), read_config(config_path(pipeline))[0].name
         for batching in (False, True):
             config = work / f"{name}-{'batched' if batching else 'single'}.toml"
-            config.write_text(server_settings(name, batching, workers, torch_threads, extra))
+            config.write_text(server_settings(pipeline, batching, workers, torch_threads, extra))
             with ServiceProcess(config) as server:
                 try:
                     server.wait_ready(timeout=600)
@@ -114,7 +153,7 @@ def measure(
                     skipped[name] = str(exc).splitlines()[0]
                     break
                 for clients in CLIENTS:
-                    before = batch_counts(server.url, name)
+                    before = batch_counts(server.url, served_as)
                     row = asyncio.run(
                         drive(
                             server.url,
@@ -124,7 +163,7 @@ def measure(
                             seconds=None if quick else SECONDS_PER_LEVEL,
                         )
                     )
-                    after = batch_counts(server.url, name)
+                    after = batch_counts(server.url, served_as)
                     batches = after[1] - before[1]
                     row["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
                     rows.append({"pipeline": name, "batching": batching, **row})
@@ -173,4 +212,7 @@ def markdown_table(figures: dict[str, Any]) -> str:
         )
     lines += ["", f"Throughput gain from batching at 32 clients: {figures['speedup_at_32_clients']}"]
     lines += [f"Skipped {name}: {why}" for name, why in figures["skipped"].items()]
+    if figures.get("quality"):
+        lines += ["", "| pipeline | SciFact nDCG@10 served (top 10) | at full depth (eval) |", "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {q['served_top10']} | {q['evaluated']} |" for n, q in figures["quality"].items()]
     return "\n".join(lines) + "\n"

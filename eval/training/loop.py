@@ -8,13 +8,14 @@ optimizer state, loss curve, time) takes exactly the batches the uninterrupted r
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -39,6 +40,16 @@ class LoopSettings:
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    decay: Literal["constant", "cosine"] = "constant"
+    """After the warm-up: a constant rate, or cosine decay to 0 at ``steps`` (then a resume must keep ``steps``)."""
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based): linear warm-up, then constant or cosine decay."""
+        warmup = max(1, self.warmup)
+        if step < warmup or self.decay == "constant":
+            return self.lr * min(1.0, (step + 1) / warmup)
+        span = max(1, self.steps - warmup)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
 
 
 @dataclass
@@ -64,9 +75,7 @@ class Student(Protocol):
         """Name -> parameter for every tensor the optimizer updates (what a checkpoint stores)."""
         ...
 
-    def loss(
-        self, batch: Sequence[Example], rng: np.random.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Sequence[Any], rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's loss (to backpropagate) and its named parts (for the record)."""
         ...
 
@@ -91,7 +100,7 @@ def shuffle_rng(seed: int, step: int) -> np.random.Generator:
 
 def run_loop(
     student: Student,
-    examples: Sequence[Example],
+    examples: Sequence[Example] | Sequence[str],
     settings: LoopSettings,
     checkpoint: Path,
     *,
@@ -110,14 +119,12 @@ def run_loop(
     log = TrainingLog()
     if resume:
         log = load_checkpoint(checkpoint, params, optimizer, settings)
-    # not tied to the number of steps, so a resumed run with more steps keeps the schedule
-    warmup = max(1, settings.warmup)
     bar = tqdm(total=settings.steps, initial=log.step, desc=desc, unit="step", file=sys.stderr)
     with bar:
         while log.step < settings.steps:
             started = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr * min(1.0, (log.step + 1) / warmup)
+                group["lr"] = settings.lr_at(log.step)
             batch = [
                 examples[i]
                 for i in batch_indices(len(examples), log.step, settings.batch_size, settings.seed)
@@ -174,10 +181,11 @@ def load_checkpoint(
         print(f"no checkpoint at {path}: starting at step 0", file=sys.stderr)
         return TrainingLog()
     state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("seed", "batch_size", "lr"):
-        if state["settings"][key] != getattr(settings, key):
+    keys = ("seed", "batch_size", "lr") + (("steps", "decay") if settings.decay != "constant" else ())
+    for key in keys:
+        if state["settings"].get(key, "constant" if key == "decay" else None) != getattr(settings, key):
             raise ConfigError(
-                f"--resume: the checkpoint was trained with {key} = {state['settings'][key]}, "
+                f"--resume: the checkpoint was trained with {key} = {state['settings'].get(key)}, "
                 f"not {getattr(settings, key)}; use the same value or another --output"
             )
     if set(state["params"]) != set(params):

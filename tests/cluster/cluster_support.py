@@ -23,7 +23,12 @@ def write_pipelines(folder: Path) -> SimpleNamespace:
     dense.write_text('name = "dense"\n[[stages]]\nkind = "dense"\nk = 100\n')
     sharded = folder / "dense-s4.toml"
     sharded.write_text('name = "dense-s4"\nshards = 4\n[[stages]]\nkind = "dense"\nk = 100\n')
-    return SimpleNamespace(dense=dense, sharded=sharded)
+    reranked = folder / "rerank.toml"  # the reranker runs in a deployment of its own (see the served fixture)
+    reranked.write_text(
+        'name = "rerank"\n[[stages]]\nkind = "dense"\nk = 50\n'
+        '[[stages]]\nkind = "e2rank"\ndepth = 20\nprompt_docs = 5\nk = 20\n'
+    )
+    return SimpleNamespace(dense=dense, sharded=sharded, reranked=reranked)
 
 
 def local_pipeline(path: Path, index_dir: Path, minilm: Any) -> Any:

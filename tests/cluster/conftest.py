@@ -81,7 +81,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, docs: list[Any], minilm: An
 
 @pytest.fixture(scope="module")
 def served(ray_head: Any, corpus: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    """The service on Ray Serve: ``dense`` with 2 replicas, ``dense-s4`` (4 shard actors) with 1."""
+    """The service on Ray Serve: ``dense`` with 2 replicas, ``dense-s4`` (4 shard actors) with 1, and
+    ``rerank`` (dense, then E2Rank) as a first-stage deployment and a reranker deployment."""
     from streamrank.service.ray_serve import deploy, undeploy
     from streamrank.service.ray_settings import RaySettings
     from streamrank.service.settings import load_settings
@@ -92,11 +93,11 @@ def served(ray_head: Any, corpus: SimpleNamespace) -> Iterator[SimpleNamespace]:
         num_cpus=0.25,
         ingress_cpus=0.25,
         shard_cpus=0.1,
-        pipelines={"dense": {"replicas": 2}},
+        pipelines={"dense": {"replicas": 2}, "rerank": {"rerankers": {"replicas": 1, "num_cpus": 0.25}}},
     )
     settings = load_settings(
         env={},
-        pipelines=[str(corpus.dense), str(corpus.sharded)],
+        pipelines=[str(corpus.dense), str(corpus.sharded), str(corpus.reranked)],
         index_dir=str(corpus.index),
         port=free_port(),
         torch_threads=1,

@@ -43,8 +43,8 @@ def test_same_rankings_in_process_on_ray_and_over_four_shards(
     served: SimpleNamespace, corpus: SimpleNamespace, docs: list[Document], minilm: Any, summary_line: Any
 ) -> None:
     ready = served.ready
-    assert ready["status"] == "ready" and ready["pipelines"] == ["dense", "dense-s4"], ready
-    summary_line(f"ray: application ready in {served.startup_s:.0f} s (ingress, 2+1 replicas, 4 shard actors)")
+    assert ready["status"] == "ready" and ready["pipelines"] == ["dense", "dense-s4", "rerank"], ready
+    summary_line(f"ray: application ready in {served.startup_s:.0f} s (ingress, 2+1+1 pipeline replicas, 1 reranker replica, 4 shard actors)")
     pipeline = local_pipeline(corpus.dense, corpus.index, minilm)
     settings = load_settings(env={}, pipelines=[str(corpus.dense)], index_dir=str(corpus.index), torch_threads=1)
     queries = [docs[i].title for i in range(0, len(docs), 20)] + ["vitamin D and bone fractures"]
@@ -62,6 +62,45 @@ def test_same_rankings_in_process_on_ray_and_over_four_shards(
             assert api == in_process == on_ray == sharded, query
     pipeline.close()
     assert {a.split("-")[-1] for a in shard_actors(NAMESPACE)} >= {"0", "1", "2", "3"}
+
+
+def test_reranker_deployment_apart_from_the_first_stage(
+    served: SimpleNamespace, corpus: SimpleNamespace, docs: list[Document], minilm: Any
+) -> None:
+    """``rerankers = {...}``: dense in ``pipeline-rerank``, E2Rank in ``rerank-rerank``, same rankings."""
+    from ray import serve
+
+    deployments = serve.status().applications["streamrank"].deployments
+    assert deployments["pipeline-rerank"].replica_states.get("RUNNING", 0) == 1
+    assert deployments["rerank-rerank"].replica_states.get("RUNNING", 0) == 1
+    pipeline = local_pipeline(corpus.reranked, corpus.index, minilm)
+    for query in [docs[5].title, docs[77].title, "vitamin D and bone fractures"]:
+        expected = pipeline.search(query, k=10)
+        body = search(served.url, query, "rerank")
+        assert [h[0] for h in hits(body)] == expected.doc_ids(), query
+        assert [h[1] for h in hits(body)] == pytest.approx([c.score for c in expected.candidates], abs=1e-6)
+        assert {"dense", "e2rank"} <= set(body["timings_ms"])  # both parts ran, in their own deployments
+    pipeline.close()
+
+
+def test_reranker_split_and_its_errors(corpus: SimpleNamespace, tmp_path: Any) -> None:
+    from streamrank.errors import ConfigError
+    from streamrank.service.ray_serve import build_application, reranker_split
+    from streamrank.service.ray_settings import RaySettings
+    from streamrank.service.settings import load_settings
+
+    assert reranker_split(str(corpus.reranked)) == 1 and reranker_split(str(corpus.dense)) is None
+    only = tmp_path / "only-rerank.toml"
+    only.write_text('name = "only"\n[[stages]]\nkind = "e2rank"\n')
+    assert reranker_split(str(only)) is None  # nothing before the reranker to split off
+    ray_settings = RaySettings(pipelines={"dense": {"rerankers": {"replicas": 1}}})
+    settings = load_settings(env={}, pipelines=[str(corpus.dense)], index_dir=str(corpus.index), ray=ray_settings)
+    with pytest.raises(ConfigError, match="ray.pipelines.dense.rerankers: pipeline 'dense' .* has no reranker"):
+        build_application(settings)
+    everywhere = load_settings(
+        env={}, pipelines=[str(corpus.dense)], index_dir=str(corpus.index), ray=RaySettings(rerankers={"replicas": 1})
+    )
+    build_application(everywhere)  # a top-level `rerankers` splits only the pipelines that have one
 
 
 def test_replicas_batch_with_the_service_bounds(served: SimpleNamespace) -> None:

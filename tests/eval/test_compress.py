@@ -162,3 +162,43 @@ def test_cli_compress(tiny_encoder: Path, tmp_path: Path, capsys: pytest.Capture
     assert f'lowrank = {{factors = "{out}"}}' in capsys.readouterr().out
     assert cli.main(argv) == 2  # the folder already holds factors
     assert "already holds" in capsys.readouterr().err
+
+
+def test_interrupted_healing_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """A crash mid-healing loses at most the steps since the last checkpoint; the resumed run ends with
+    the factors of the uninterrupted one (batches depend on seed and step only)."""
+    from streamrank.eval.compress_heal import HealSettings, _loop
+
+    torch.manual_seed(0)
+    target = torch.nn.Linear(6, 6)
+    start = LowRankLinear.from_linear(torch.nn.Linear(6, 6), rank=2)
+    texts = [f"text {i}" for i in range(10)]
+    inputs = {t: torch.randn(3, 6, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(texts)}
+    settings = HealSettings(steps=12, batch_size=4, lr=1e-2, warmup=2, checkpoint_every=5)
+    calls = {"n": 0}
+
+    def loss_of(model: torch.nn.Module, crash_at: int | None):
+        def loss(batch: list[str]) -> torch.Tensor:
+            calls["n"] += 1
+            if crash_at is not None and calls["n"] == crash_at:
+                raise KeyboardInterrupt("killed")
+            x = torch.cat([inputs[t] for t in batch])
+            return torch.nn.functional.mse_loss(model(x), target(x).detach())
+
+        return loss
+
+    whole = torch.nn.Sequential(LowRankLinear.from_linear(torch.nn.Linear(6, 6), rank=2))
+    whole[0].load_state_dict(start.state_dict())
+    report = _loop(whole, texts, settings, loss_of(whole[0], None), tmp_path / "whole")
+    assert report.resumed_from is None and len(report.losses) == 12 and report.losses[-1] < report.losses[0]
+
+    broken = torch.nn.Sequential(LowRankLinear.from_linear(torch.nn.Linear(6, 6), rank=2))
+    broken[0].load_state_dict(start.state_dict())
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        _loop(broken, texts, settings, loss_of(broken[0], 8), tmp_path / "broken")  # dies in step 8
+    assert (tmp_path / "broken" / "state.pt").exists()
+    resumed = _loop(broken, texts, settings, loss_of(broken[0], None), tmp_path / "broken")
+    assert resumed.resumed_from == 5 and resumed.losses == pytest.approx(report.losses)
+    assert torch.allclose(broken[0].U, whole[0].U) and torch.allclose(broken[0].V, whole[0].V)
+    assert not broken[0].U.requires_grad  # frozen again after healing

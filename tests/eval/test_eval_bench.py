@@ -22,10 +22,15 @@ def chatty_benchmark(output_dir: Path | None, quick: bool) -> dict[str, Any]:
     return {"qps": 1.0}
 
 
+def choosy_benchmark(output_dir: Path | None, quick: bool, pipelines: list[str] | None = None) -> dict[str, Any]:
+    return {"pipelines": pipelines}
+
+
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(bench.BENCHMARKS, "silent", f"{__name__}:silent_benchmark")
     monkeypatch.setitem(bench.BENCHMARKS, "chatty", f"{__name__}:chatty_benchmark")
+    monkeypatch.setitem(bench.BENCHMARKS, "choosy", f"{__name__}:choosy_benchmark")
     monkeypatch.setitem(bench.BENCHMARKS, "absent", "streamrank.no_such_module:run")
 
 
@@ -59,3 +64,14 @@ def test_cli_bench(fakes: None, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (tmp_path / "silent.json").exists()
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_bench_options_reach_only_benchmarks_that_take_them(
+    fakes: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "choosy", "--pipelines", "bm25,/x/hybrid.toml", "-o", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "choosy.json").read_text())
+    assert saved["results"] == {"pipelines": ["bm25", "/x/hybrid.toml"]} and saved["pipelines"] == saved["results"]["pipelines"]
+    capsys.readouterr()
+    assert cli.main(["bench", "silent", "--pipelines", "bm25"]) == 2
+    assert "benchmark 'silent' takes no --pipelines" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from streamrank.stage import BaseStage
 from streamrank.types import Candidate, Document, ModelCall, Ranking
 
 METRICS_KEYS = {
-    "dataset", "pipeline", "split", "queries", "metrics", "latency_ms", "stages",
+    "dataset", "pipeline", "split", "queries", "top", "metrics", "latency_ms", "stages",
     "index_seconds", "eval_seconds", "model_calls",
 }  # fmt: skip
 
@@ -127,6 +127,23 @@ def test_retrieval_eval_writes_all_outputs(env: Path) -> None:
     assert again["queries"] == 2 and WordHits.builds == 2, "a path ref is a different corpus key"
     run_eval("toy", write_pipeline(env), env / "out3", limit=1)
     assert WordHits.builds == 2, "the second eval over the same corpus reuses its index"
+
+
+def test_eval_top_ranks_as_requests_do(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_beir(env / "data")
+    full = run_eval("toy", write_pipeline(env), env / "full")
+    served = run_eval("toy", write_pipeline(env), env / "top2", top=2)
+    assert full["top"] is None and served["top"] == 2
+    lines = [line.split() for line in (env / "top2" / "run.trec").read_text().splitlines()]
+    assert len(lines) == 3 * 2  # only the answer a request for the best 2 gets
+    assert served["metrics"] == full["metrics"]  # every relevant document is in each query's top 2
+    first = run_eval("toy", write_pipeline(env), env / "top1", top=1)
+    assert first["metrics"]["R@100"] == pytest.approx((1 / 2 + 1 + 0) / 3)  # q1's d2 and q3's d5 are 2nd
+    with pytest.raises(StreamRankError, match="--top must be at least 1"):
+        run_eval("toy", write_pipeline(env), env / "bad", top=0)
+    argv = ["eval", "-d", "toy", "-p", str(write_pipeline(env)), "-o", str(env / "cli-top"), "--top", "1"]
+    assert cli.main(argv) == 0 and json.loads((env / "cli-top" / "metrics.json").read_text())["top"] == 1
+    capsys.readouterr()
 
 
 def test_reranking_form_uses_the_dataset_candidates_and_no_corpus(env: Path) -> None:

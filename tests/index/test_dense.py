@@ -128,3 +128,23 @@ def test_bucketed_encoding_keeps_order_and_values(minilm: Any, docs: list[Docume
     got = encode_sentences(minilm, texts, batch_size=2)
     want = minilm.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+def test_query_dtype_encodes_queries_only_and_needs_no_rebuild(
+    ctx: PipelineContext, docs: list[Document], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain, fast = dense(ctx, k=10), dense(ctx, k=10, query_dtype="bfloat16")
+    assert fast.settings() == plain.settings()  # search-time: the float32 index serves it
+    titles = [docs[i].title for i in PROBES]
+    q32, q16 = plain.encode_queries(titles), fast.encode_queries(titles)
+    assert not np.array_equal(q32, q16)
+    assert np.min(np.sum(q32 * q16, axis=1)) > 0.99
+    assert fast.encode_documents(docs[:2]).tobytes() == plain.encode_documents(docs[:2]).tobytes()
+    assert [r.candidates[0].doc_id for r in search(fast, *titles)] == [docs[i].id for i in PROBES]
+    import streamrank.models as models
+
+    monkeypatch.setattr(models, "bfloat16_is_native", lambda device=None: False)
+    auto = dense(ctx, k=10, query_dtype="auto")
+    assert auto.query_encoding.dtype == "float32"  # no native bfloat16: the index's dtype
+    monkeypatch.setattr(models, "bfloat16_is_native", lambda device=None: True)
+    assert auto.query_encoding.dtype == "bfloat16"

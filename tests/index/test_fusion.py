@@ -160,3 +160,79 @@ def test_fusion_methods() -> None:
     assert list(fuse_with_ppr(rank, score, ppr, method="ppr_only", weight=0.5)) == list(ppr)
     interp = fuse_with_ppr(rank, score, ppr, method="interpolate", weight=0.0)
     assert list(interp) == [1.0, 0.0, 0.0]
+
+
+# ---- serving depth ---------------------------------------------------------------------------------
+class DepthRecorder(Fixed):
+    """Fixed, but ``run_top`` serves only its best ``k`` and records the depths it was asked for."""
+
+    asked: list[int | None]
+
+    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        self.asked.append(None)
+        return super().run(rankings)
+
+    def run_top(self, rankings: Sequence[Ranking], k: int) -> list[Ranking]:
+        self.asked.append(k)
+        return [r.top_k(k) for r in super().run(rankings)]
+
+
+@pytest.fixture
+def recorder_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.STAGE_KINDS, "recorder", f"{__name__}:DepthRecorder")
+    monkeypatch.setattr(DepthRecorder, "asked", [], raising=False)
+
+
+LONG_A = [(f"a{i}", 100.0 - i) for i in range(30)]
+LONG_B = [(f"b{i}", 100.0 - i) for i in range(30)]
+
+
+def test_serving_a_top_k_searches_serve_depth_deep(recorder_kind: None) -> None:
+    options = {
+        "retrievers": [
+            {"kind": "recorder", "name": "one", "hits": LONG_A},
+            {"kind": "recorder", "name": "two", "hits": LONG_B},
+        ]
+    }
+    query = [Ranking(query=Query("q", "x"))]
+    served = fusion({**options, "serve_depth": 5}).run_top(query, 3)[0]
+    assert DepthRecorder.asked == [5, 5]  # max(k, serve_depth) asked of each retriever
+    assert len(served.candidates) == 10  # the union of two 5-deep lists
+    full = fusion(options).run(query)[0]
+    assert DepthRecorder.asked[2:] == [None, None]  # full depth (evaluation) is untouched
+    assert served.doc_ids()[:3] == full.doc_ids()[:3]
+    fusion({**options, "serve_depth": 5}).run_top(query, 8)
+    assert DepthRecorder.asked[4:] == [8, 8]  # a request deeper than serve_depth gets its k
+    with pytest.raises(ValueError):
+        fusion({**options, "serve_depth": 0})
+
+
+def test_hybrid_serving_depth_on_real_indexes(
+    copy_dir: Path, tmp_path: Path, minilm: Any, docs: list[Document]
+) -> None:
+    """A request's top 10 is RRF over each retriever's top serve_depth; at a depth >= the retrievers' k it
+    equals the top 10 of the full-depth run."""
+    exact = HYBRID.replace('kind = "fusion"\nk = 50', 'kind = "fusion"\nk = 50\nserve_depth = 50')
+    shallow = HYBRID.replace('kind = "fusion"\nk = 50', 'kind = "fusion"\nk = 50\nserve_depth = 12')
+    assert exact != HYBRID and shallow != HYBRID
+    query = docs[7].title
+    rankings: dict[str, list[str]] = {}
+    for name, body in (("exact", exact), ("shallow", shallow)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pipeline = load_pipeline(write_pipeline(folder, body), index_dir=copy_dir)
+        pipeline.context.shared(("sentence-encoder", MINILM), lambda: minilm)
+        rankings[name] = pipeline.search(query, k=10).doc_ids()
+        full = pipeline.run([Ranking(query=Query("q", query))])[0]
+        if name == "exact":
+            assert rankings[name] == full.doc_ids()[:10]
+        else:
+            bm25, dense = pipeline.stages[0].children
+            lists = [
+                [(c.doc_id, c.score) for c in search(stage, query)[0].candidates[:12]]
+                for stage in (bm25, dense)
+            ]
+            fused = fuse(lists, "rrf", rrf_k=60)
+            expected = sorted(fused, key=lambda d: (-fused[d], d))[:10]
+            assert rankings[name] == expected
+        pipeline.close()
