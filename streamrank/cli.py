@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local head)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, ppr, service, soak, retrieval")
+    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, kernels-kv, kernels-latency, ppr, service, soak, retrieval")
     p.add_argument("name")
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")

@@ -24,6 +24,8 @@ from streamrank.registry import import_target
 
 BENCHMARKS: dict[str, str] = {
     "kernels": "streamrank.eval.bench.kernels:run_kernels_benchmark",
+    "kernels-kv": "streamrank.eval.bench.kernels_kv:run_kv_benchmark",
+    "kernels-latency": "streamrank.eval.bench.kernels_latency:run_kernels_latency_benchmark",
     "rerank": "streamrank.eval.bench.rerank:run_rerank_benchmark",
     "ppr": "streamrank.eval.bench.ppr:run_ppr_benchmark",
     "service": "streamrank.eval.bench.service:run_service_benchmark",

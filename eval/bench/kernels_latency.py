@@ -235,6 +235,32 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_kernels_latency_benchmark(
+    output_dir: Path | None = None, quick: bool = False, *, dtype: str = "float16", reps: int = 10
+) -> dict[str, Any]:
+    """The latency table on CUDA (``streamrank bench kernels-latency``); ``quick``: tiny shapes through the
+    Triton interpreter on the CPU (``TRITON_INTERPRET=1``), a smoke run of the same code."""
+    from streamrank.errors import StreamRankError
+
+    device = "cpu" if quick else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StreamRankError("kernels-latency needs a CUDA device (--quick: a tiny smoke run on the CPU)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise StreamRankError("kernels-latency --quick runs Triton on the CPU: set TRITON_INTERPRET=1")
+    rows = run_latency_table(
+        device, getattr(torch, dtype), seqs=(32,) if quick else SEQS, batches=(1,) if quick else BATCHES,
+        reps=1 if quick else reps,
+    )  # fmt: skip
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+              "dtype": dtype, "ratio": 0.5, "targets": targets(rows), "rows": rows}  # fmt: skip
+    print(markdown(rows))
+    print(json.dumps(result["targets"], indent=1))
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "kernels_latency.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path)
@@ -244,22 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("kernels_latency needs a CUDA device (or --device cpu for a smoke run)")
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 in the environment")
-    small = args.device == "cpu"
-    rows = run_latency_table(
-        args.device, getattr(torch, args.dtype), seqs=(32,) if small else SEQS, batches=(1,) if small else BATCHES,
-        reps=1 if small else args.reps,
-    )  # fmt: skip
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
-              "dtype": args.dtype, "ratio": 0.5, "targets": targets(rows), "rows": rows}  # fmt: skip
-    print(markdown(rows))
-    print(json.dumps(result["targets"], indent=1))
-    if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "kernels_latency.json").write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        run_kernels_latency_benchmark(args.output, args.device == "cpu", dtype=args.dtype, reps=args.reps)
+    except Exception as exc:  # noqa: BLE001 - the CLI's own message, not a traceback
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from streamrank.eval.bench.kernels import VARIANTS_CPU, run_kernels_benchmark
@@ -53,3 +54,14 @@ def test_latency_script_variants_agree_on_a_tiny_block():
             "memory_met": False}
         for v in ("triton", "triton_tuned")
     }  # fmt: skip
+
+
+def test_latency_and_kv_benchmarks_are_registered():
+    from streamrank.errors import StreamRankError
+    from streamrank.eval import bench
+
+    assert callable(bench.benchmark_function("kernels-kv"))
+    latency = bench.benchmark_function("kernels-latency")
+    if not torch.cuda.is_available():
+        with pytest.raises(StreamRankError, match="needs a CUDA device"):
+            latency(None, False)
