@@ -157,3 +157,18 @@ def test_length_buckets_bound_padding_and_batch_size() -> None:
         longest = max(lengths[i] for i in batch)
         assert longest * len(batch) <= 1.25 * sum(lengths[i] for i in batch)
     assert {frozenset(b) for b in batches} == {frozenset({1, 3, 6}), frozenset({2, 4, 0}), frozenset({7, 5})}
+
+
+def test_every_shipped_config_validates() -> None:
+    """Each pipeline file in configs/ parses and every stage table (fusion's retrievers too) validates:
+    a typo in a shipped config fails here, not in a user's first run."""
+    from streamrank.config import CONFIG_DIR, read_config, validate_stage
+
+    files = sorted(CONFIG_DIR.rglob("*.toml"))
+    assert len(files) >= 20
+    for path in files:
+        config, source = read_config(path)
+        assert config.name and config.stages, path
+        tables = [*config.stages, *(r for s in config.stages for r in s.get("retrievers", []))]
+        for i, options in enumerate(tables):
+            validate_stage(options, f"{source}: table {i}")
