@@ -175,8 +175,15 @@ class PipelineReplica:
         if self.rerankers is None:
             return run_reloading(self.pipeline, rankings, k=k, deadline=deadline)
         first = run_reloading(self.pipeline, rankings, k=None, deadline=deadline, stages=slice(0, self.split))
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.rerankers.run.remote(first, k, remaining).result()
+        for attempt in range(RETRIES + 1):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self.rerankers.run.remote(first, k, remaining).result()
+            except (RayActorError, ActorUnavailableError) as exc:  # its replica died: another one gets it
+                if attempt == RETRIES:
+                    raise ServiceUnavailable(f"no replica of this pipeline's rerankers could answer: {exc}") from exc
+                log.warning("a reranker replica failed under a batch (%s); sending it to another", type(exc).__name__)
+        raise AssertionError("unreachable")
 
 
 class RerankerReplica:

@@ -195,3 +195,24 @@ def test_killed_replica_and_shard_lose_no_acknowledged_write(
     assert found["results"][0]["id"] == sharded_doc.id
     errors = sum(code != 200 for _, code in outcomes)
     print(f"kill test: {len(outcomes)} requests, {errors} failed, all {len(served_after)} after the kill served")
+
+
+def test_killed_reranker_replica_gives_503_or_answers_never_500(served: SimpleNamespace, docs: list[Document]) -> None:
+    """The reranker deployment's one replica dies: requests meanwhile get an answer or a 503 (its batch
+    is sent again, then refused with a reason), and once Serve has replaced it, answers again."""
+    before = replicas("rerank-rerank")
+    assert len(before) == 1, before
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    codes: list[int] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{served.url}/search", json={"query": docs[3].title, "k": 5, "pipeline": "rerank"}, timeout=120)
+        codes.append(reply.status_code)
+        assert reply.status_code in (200, 503), reply.text
+        if reply.status_code == 503:
+            assert "rerank" in reply.text or "replica" in reply.text, reply.text
+        elif set(replicas("rerank-rerank")) - set(before):
+            break
+        time.sleep(0.5)
+    assert codes and codes[-1] == 200, codes
+    assert before[0] not in replicas("rerank-rerank")
