@@ -39,6 +39,8 @@ INFO_FILE = "compress.json"
 HEAL_CHECKPOINT = "heal-checkpoint"
 """Folder in the output where healing saves its progress (removed once the factors are written)."""
 DEFAULT_HEAL_TEXTS = 2000
+FIDELITY_TEXTS = 64
+"""Texts after the healing ones on which ``compress.json`` reports how close the result is to the dense model."""
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,45 @@ def compress_model_folder(model: str, output: str | Path, options: CompressOptio
         else:
             report = heal_causal_lm(student, teacher, tokenizer, texts, heal, checkpoint)
         info["heal"] = {**report.to_dict(), "texts": source, "text_count": len(texts), "device": device}
+    held_out = load_texts(options.texts or options.calibration or "auto", options.text_count + FIDELITY_TEXTS)
+    info["fidelity"] = fidelity(kind, teacher, student, tokenizer, held_out[options.text_count :], options.max_length)
     save_compressed(student, out)
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["lowrank"] = {"factors": str(out)}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     shutil.rmtree(out / HEAL_CHECKPOINT, ignore_errors=True)  # the factors are saved: nothing to resume
     return info
+
+
+def fidelity(
+    kind: str, teacher: Any, student: Any, tokenizer: Any, texts: list[str], max_length: int = 128
+) -> dict[str, Any]:
+    """How close the compressed ``student`` is to the dense ``teacher`` on ``texts`` (held out from healing):
+    causal LMs: top-1 next-token agreement over every non-padding position; encoders: the mean and lowest
+    cosine between the two sentence embeddings of a text."""
+    import torch
+
+    if not texts:
+        return {"texts": 0}
+    with torch.inference_mode():
+        if kind == "encoder":
+            want = teacher.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+            got = student.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+            cos = (want * got).sum(-1)
+            return {"texts": len(texts), "mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6)}
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        agree = positions = 0
+        for start in range(0, len(texts), 8):
+            enc = tokenizer(texts[start : start + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            ids, mask = enc["input_ids"].to(teacher.device), enc["attention_mask"].to(teacher.device)
+            want = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)
+            got = student(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)
+            real = mask.bool()
+            agree += int((want == got)[real].sum())
+            positions += int(real.sum())
+    return {"texts": len(texts), "positions": positions, "top1_agreement": round(agree / max(1, positions), 4)}
 
 
 def summary(info: dict[str, Any]) -> str:
@@ -162,6 +197,11 @@ def summary(info: dict[str, Any]) -> str:
             f"healed {heal['steps']} steps on {heal['text_count']} texts of {heal['texts']} in {heal['seconds']} s "
             f"({heal['device']}): loss {heal['loss_first']:.4f} -> {heal['loss_last']:.4f}"
         )
+    close = info.get("fidelity") or {}
+    if "top1_agreement" in close:
+        lines.append(f"top-1 next-token agreement with the dense model: {close['top1_agreement']:.3f} ({close['positions']} held-out positions)")
+    elif "mean_cosine" in close:
+        lines.append(f"embedding cosine to the dense model: mean {close['mean_cosine']:.4f}, lowest {close['min_cosine']:.4f} ({close['texts']} held-out texts)")
     where = info["lowrank"]["factors"]
     lines.append(f'written to {where}; load it with lowrank = {{factors = "{where}"}} (same model)')
     return "\n".join(lines)

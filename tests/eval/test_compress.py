@@ -85,7 +85,7 @@ def test_healed_encoder_is_closer_to_the_dense_one_and_loads_without_decompositi
 ) -> None:
     from streamrank.models import load_sentence_encoder
 
-    common = {"ratio": 0.4, "calibration": str(texts_file), "device": "cpu", "max_length": 32}
+    common = {"ratio": 0.4, "calibration": str(texts_file), "device": "cpu", "max_length": 32, "text_count": 16}
     plain = compress_model_folder(str(tiny_encoder), tmp_path / "plain", CompressOptions(**common))
     healed = compress_model_folder(
         str(tiny_encoder), tmp_path / "healed",
@@ -110,6 +110,9 @@ def test_healed_encoder_is_closer_to_the_dense_one_and_loads_without_decompositi
         got = encoder.encode(TEXTS, convert_to_tensor=True)
         cosines[name] = float(torch.nn.functional.cosine_similarity(got, want).mean())
     assert cosines["healed"] > cosines["plain"]
+    # compress.json's own closeness figure, on the 8 texts after the 16 healed on
+    assert plain["fidelity"]["texts"] == healed["fidelity"]["texts"] == 8
+    assert 0 < plain["fidelity"]["mean_cosine"] < healed["fidelity"]["mean_cosine"] <= 1.0001
 
 
 def test_dense_stage_loads_stored_factors(tiny_encoder: Path, texts_file: Path, tmp_path: Path) -> None:
@@ -137,10 +140,12 @@ def test_healed_causal_lm_loads_on_the_fused_path(
 
     options = CompressOptions(
         ratio=0.5, calibration=str(texts_file), heal=True, steps=30, batch_size=4, lr=2e-3, max_length=32,
-        texts=str(texts_file), device="cpu",
+        texts=str(texts_file), device="cpu", text_count=16,
     )  # fmt: skip
     info = compress_model_folder(str(tiny_causal_lm), tmp_path / "lm", options)
     assert info["kind"] == "causal-lm" and info["heal"]["loss_last"] < info["heal"]["loss_first"]
+    close = info["fidelity"]
+    assert close["texts"] == 8 and close["positions"] > 8 * 10 and 0.0 <= close["top1_agreement"] <= 1.0
     settings = LLMSettings(
         model=str(tiny_causal_lm), lowrank={"factors": str(tmp_path / "lm"), "backend": "torch"}
     )
