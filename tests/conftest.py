@@ -37,6 +37,17 @@ def datasets_root() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture(scope="session")
+def scifact_head(datasets_root: Path) -> Callable[[int], list]:
+    """The first ``n`` SciFact documents (read through the dataset loader the product uses)."""
+    from itertools import islice
+
+    from streamrank.datasets import load_dataset
+
+    corpus = load_dataset(datasets_root / "beir" / "scifact")
+    return lambda n: list(islice(corpus.corpus(), n))
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """A 40-query BEIR-layout dataset: each topic has a relevant "key answer" and a wordier distractor."""

@@ -153,19 +153,7 @@ def measure(
                     skipped[name] = str(exc).splitlines()[0]
                     break
                 for clients in CLIENTS:
-                    before = batch_counts(server.url, served_as)
-                    row = asyncio.run(
-                        drive(
-                            server.url,
-                            clients,
-                            queries,
-                            requests=clients * QUICK_REQUESTS_PER_CLIENT if quick else None,
-                            seconds=None if quick else SECONDS_PER_LEVEL,
-                        )
-                    )
-                    after = batch_counts(server.url, served_as)
-                    batches = after[1] - before[1]
-                    row["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+                    row = drive_level(server.url, served_as, clients, queries, quick)
                     rows.append({"pipeline": name, "batching": batching, **row})
                     print(_row_line(rows[-1]), flush=True)
     return {
@@ -177,6 +165,25 @@ def measure(
         "errors": sum(r["errors"] for r in rows),
         "skipped": skipped,
     }
+
+
+def drive_level(url: str, pipeline: str, clients: int, queries: Sequence[str], quick: bool) -> dict[str, Any]:
+    """One client level against a running server: throughput and latency, and the mean batch the server
+    formed for ``pipeline`` meanwhile (from its /metrics)."""
+    before = batch_counts(url, pipeline)
+    row = asyncio.run(
+        drive(
+            url,
+            clients,
+            queries,
+            requests=clients * QUICK_REQUESTS_PER_CLIENT if quick else None,
+            seconds=None if quick else SECONDS_PER_LEVEL,
+        )
+    )
+    after = batch_counts(url, pipeline)
+    batches = after[1] - before[1]
+    row["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+    return row
 
 
 def _speedups(rows: list[dict[str, Any]]) -> dict[str, float]:

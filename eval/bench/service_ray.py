@@ -17,7 +17,6 @@ and the shard actors share the same two cores: see BENCHMARKS.md for what that c
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import statistics
 import tempfile
@@ -29,12 +28,11 @@ import httpx
 
 from streamrank.eval.bench.service import (
     CLIENTS,
-    QUICK_REQUESTS_PER_CLIENT,
-    SECONDS_PER_LEVEL,
+    drive_level,
     quick_index,
     scifact_queries,
 )
-from streamrank.eval.bench.service_load import ServiceProcess, batch_counts, drive
+from streamrank.eval.bench.service_load import ServiceProcess
 
 PIPELINES = ("bm25", "dense", "hybrid")
 MODES: tuple[tuple[str, int | None], ...] = (("in process", None), ("ray 1 replica", 1), ("ray 2 replicas", 2))
@@ -68,17 +66,7 @@ def throughput(pipelines: tuple[str, ...], work: Path, extra: str, quick: bool) 
                     skipped[f"{name} ({mode_name})"] = str(exc).splitlines()[0]
                     continue
                 for clients in CLIENTS:
-                    before = batch_counts(server.url, name)
-                    row = asyncio.run(
-                        drive(
-                            server.url, clients, queries,
-                            requests=clients * QUICK_REQUESTS_PER_CLIENT if quick else None,
-                            seconds=None if quick else SECONDS_PER_LEVEL,
-                        )
-                    )
-                    after = batch_counts(server.url, name)
-                    batches = after[1] - before[1]
-                    row["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+                    row = drive_level(server.url, name, clients, queries, quick)
                     rows.append({"pipeline": name, "mode": mode_name, **row})
                     print(
                         f"{name:<7} {mode_name:<15} clients={clients:>2} {row['throughput_qps']:8.1f} q/s "

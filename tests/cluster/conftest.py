@@ -8,11 +8,9 @@ namespace package when the real one is missing, and nothing would be skipped.)
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,17 +40,8 @@ def ray_head() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def docs(datasets_root: Path) -> list[Any]:
-    from streamrank.types import Document
-
-    out = []
-    with open(datasets_root / "beir" / "scifact" / "corpus.jsonl") as handle:
-        for line in handle:
-            row = json.loads(line)
-            out.append(Document(id=row["_id"], title=row["title"], text=row["text"]))
-            if len(out) == N_DOCS:
-                break
-    return out
+def docs(scifact_head: Any) -> list[Any]:
+    return scifact_head(N_DOCS)
 
 
 @pytest.fixture(scope="session")

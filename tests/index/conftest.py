@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,8 @@ from streamrank.types import Document
 
 
 @pytest.fixture(scope="session")
-def docs(datasets_root: Path) -> list[Document]:
-    out = []
-    with open(datasets_root / "beir" / "scifact" / "corpus.jsonl") as handle:
-        for line in handle:
-            row = json.loads(line)
-            out.append(Document(id=row["_id"], title=row["title"], text=row["text"]))
-            if len(out) == N_DOCS:
-                break
-    return out
+def docs(scifact_head: Any) -> list[Document]:
+    return scifact_head(N_DOCS)
 
 
 @pytest.fixture(scope="session")
