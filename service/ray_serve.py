@@ -366,7 +366,7 @@ def build_application(settings: Settings) -> Any:
                     f"ray.pipelines.{name}.rerankers: pipeline {name!r} ({ref}) has no reranker after a first "
                     "stage to deploy apart; remove `rerankers` from its table"
                 )
-        if split is not None and placement.rerankers is not None:
+        if split is not None:
             own_options = deployment_options(f"rerank-{name}", placement.rerankers, policy, env, logging_config)
             rerankers = serve.deployment(RerankerReplica).options(**own_options).bind(ref, payload, split)
         handles[name] = serve.deployment(PipelineReplica).options(**options).bind(ref, payload, rerankers, split)

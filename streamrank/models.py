@@ -9,6 +9,7 @@ layout ``org/name``; default ``$STREAMRANK_HOME/models``); the models shipped as
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -125,6 +126,7 @@ or AMX (EmbeddingGemma: 4.2x here, cosine to the float32 vectors >= 0.998); floa
 Gemma-family encoders overflow in it."""
 
 
+@functools.cache
 def bfloat16_is_native(device: str | None = None) -> bool:
     """Whether bfloat16 matmuls run natively here: a CUDA GPU that supports them, or a CPU with AVX-512 BF16
     or AMX (Linux CPU flags; other systems report False, so ``auto`` stays float32 there)."""
