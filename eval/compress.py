@@ -127,9 +127,10 @@ def compress_model_folder(model: str, output: str | Path, options: CompressOptio
         "heal": None,
         "options": asdict(options),
     }
+    source = options.texts or options.calibration or "auto"
+    read = load_texts(source, options.text_count + FIDELITY_TEXTS)  # healing texts, then the held-out ones
+    texts, held_out = read[: options.text_count], read[options.text_count :]
     if options.heal:
-        source = options.texts or options.calibration or "auto"
-        texts = load_texts(source, options.text_count)
         heal = HealSettings(
             steps=options.steps,
             batch_size=options.batch_size,
@@ -144,8 +145,7 @@ def compress_model_folder(model: str, output: str | Path, options: CompressOptio
         else:
             report = heal_causal_lm(student, teacher, tokenizer, texts, heal, checkpoint)
         info["heal"] = {**report.to_dict(), "texts": source, "text_count": len(texts), "device": device}
-    held_out = load_texts(options.texts or options.calibration or "auto", options.text_count + FIDELITY_TEXTS)
-    info["fidelity"] = fidelity(kind, teacher, student, tokenizer, held_out[options.text_count :], options.max_length)
+    info["fidelity"] = fidelity(kind, teacher, student, tokenizer, held_out, options.max_length)
     save_compressed(student, out)
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["lowrank"] = {"factors": str(out)}
