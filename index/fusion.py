@@ -19,6 +19,9 @@ broken by ascending doc id, as pyserini's ``TrecRun.merge``.
 Serving a request for the top ``k`` (fusion as the last stage), each retriever searches only
 ``serve_depth`` (default 100) deep instead of its ``k``: most of a 1,000-deep hybrid request was the
 two deep searches and fusing 2,000 hits (BENCHMARKS.md).
+
+The ``score_fusion`` stage (:class:`ScoreFusionStage`) fuses, with the same functions, the scores that
+earlier stages already gave the candidates: a reranker with its first stage.
 """
 
 from __future__ import annotations
@@ -137,3 +140,58 @@ def _carry_over(source: Ranking, target: Ranking) -> None:
     if source.calls is not target.calls:
         target.calls.extend(c for c in source.calls if not any(c is t for t in target.calls))
     target.degraded = target.degraded or source.degraded
+
+
+class ScoreFusionConfig(StageConfig):
+    stages: list[str] = Field(min_length=2)
+    """Names of earlier stages (or fusion retrievers) whose scores each candidate carries, e.g. the first
+    stage and the reranker after it."""
+    method: Literal["rrf", "minmax", "zscore"] = "rrf"
+    rrf_k: int = Field(60, ge=0)
+    weights: list[float] | None = None
+    """One weight per named stage (default: 1 each)."""
+
+
+class ScoreFusionStage(BaseStage):
+    """Fuses the scores earlier stages gave the candidates (``stage_scores``) into one, by the same
+    :func:`~streamrank.index.scores.fuse` as the fusion stage: a reranker fused with its first stage
+
+        [[stages]]
+        kind = "score_fusion"
+        stages = ["fusion", "e2rank"]   # the hybrid first stage and the reranker after it
+        method = "rrf"
+
+    Each named stage's scores form one run (best first); a candidate a stage did not score is missing
+    from that run. Only the candidates this stage receives are fused (a reranker's tail keeps the
+    tail scores it was given).
+    """
+
+    Config = ScoreFusionConfig
+    config: ScoreFusionConfig
+
+    def __init__(self, config: ScoreFusionConfig, context: Any) -> None:
+        super().__init__(config, context)
+        if config.weights is not None and len(config.weights) != len(config.stages):
+            raise ConfigError(
+                f"score_fusion stage {self.name!r}: {len(config.weights)} weights for {len(config.stages)} "
+                "stages; give one weight per stage"
+            )
+
+    def reads_scores_of(self) -> Sequence[str]:
+        return self.config.stages
+
+    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        cfg = self.config
+        out = []
+        for ranking in rankings:
+            runs = [
+                sorted(
+                    ((c.doc_id, c.stage_scores[name]) for c in ranking.candidates if name in c.stage_scores),
+                    key=lambda pair: -pair[1],
+                )
+                for name in cfg.stages
+            ]
+            scores = fuse(runs, cfg.method, rrf_k=cfg.rrf_k, weights=cfg.weights)
+            by_id = sorted(ranking.candidates, key=lambda c: c.doc_id)  # ties by doc id, as the fusion stage
+            out.append(ranking.rescored(self.name, scores, keep=cfg.k, candidates=by_id))
+        return out

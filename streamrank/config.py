@@ -139,7 +139,7 @@ def load_pipeline(
     """
     from streamrank.context import PipelineContext
     from streamrank.pipeline import Pipeline
-    from streamrank.stage import check_unique_names
+    from streamrank.stage import check_score_references, check_unique_names
 
     config, source = read_config(path)
     corpus_ref = (corpus if corpus is not None else config.corpus) or None
@@ -148,6 +148,7 @@ def load_pipeline(
     context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device, shards=config.shards)
     stages = [build_stage(opts, context, f"{source}: stages[{i}]") for i, opts in enumerate(config.stages)]
     check_unique_names(stages, str(source))
+    check_score_references(stages, str(source))
     return Pipeline(config.name, stages, context, source=source, description=config.description)
 
 

@@ -12,6 +12,7 @@ STAGE_KINDS: dict[str, str] = {
     "bm25": "streamrank.index.bm25:BM25Retriever",
     "dense": "streamrank.index.dense:DenseRetriever",
     "fusion": "streamrank.index.fusion:FusionStage",
+    "score_fusion": "streamrank.index.fusion:ScoreFusionStage",
     "ppr": "streamrank.index.ppr:PPRStage",
     "splade": "streamrank.index.splade:SpladeRetriever",
     "sharded": "streamrank.index.sharded_stage:ShardedRetriever",

@@ -7,8 +7,8 @@ candidate list, or an earlier stage's output) they score exactly those candidate
 ``dense.toml`` reranks a supplied BM25 top-100. Rerankers always reorder what they are given.
 
 Every hook the pipeline or another stage calls has a default on :class:`BaseStage`: ``run`` (no
-default: every stage implements it), ``run_top``, ``children``, ``dependencies``, ``build``, ``add``,
-``delete``, ``indexed_ids`` and ``close``.
+default: every stage implements it), ``run_top``, ``children``, ``dependencies``, ``reads_scores_of``,
+``build``, ``add``, ``delete``, ``indexed_ids`` and ``close``.
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ class BaseStage:
         """Stages whose indexes this one reads; the pipeline builds, updates and closes them before it."""
         return ()
 
+    def reads_scores_of(self) -> Sequence[str]:
+        """Names of earlier stages whose ``stage_scores`` this one reads (checked when the pipeline is
+        built: :func:`check_score_references`)."""
+        return ()
+
     def build(self, documents: Iterable[Document], *, rebuild: bool = False) -> None:
         """Create this stage's index over ``documents`` (no-op for stateless stages)."""
 
@@ -107,3 +112,21 @@ def check_unique_names(stages: Iterable[BaseStage], where: str, what: str = "sta
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: {what} names must be unique; set `name` to tell apart {duplicates}")
+
+
+def check_score_references(stages: Sequence[BaseStage], where: str) -> None:
+    """Raise ConfigError unless every stage's ``reads_scores_of`` names a stage (or a child of one) before it."""
+
+    def names(stage: BaseStage) -> Iterable[str]:
+        yield stage.name
+        for child in stage.children:
+            yield from names(child)
+
+    for i, stage in enumerate(stages):
+        earlier = [n for s in stages[:i] for n in names(s)]
+        unknown = [n for n in stage.reads_scores_of() if n not in earlier]
+        if unknown:
+            raise ConfigError(
+                f"{where}: stage {stage.name!r} reads the scores of {unknown}, which no earlier stage is "
+                f"named (earlier stages: {earlier or 'none'})"
+            )

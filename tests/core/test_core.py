@@ -176,3 +176,7 @@ def test_every_shipped_config_validates() -> None:
                 validate_stage(options, f"{source}: table {i}")
             except ConfigError as exc:  # factors a command in the file makes first; all else must validate
                 assert "has no lowrank.json" in str(exc) and "written by: streamrank compress" in path.read_text(), exc
+        named: list[str] = []  # score_fusion reads stages named before it (as load_pipeline checks)
+        for options in config.stages:
+            assert set(options.get("stages", [])) <= set(named), (path, options)
+            named += [t.get("name") or t["kind"] for t in (options, *options.get("retrievers", []))]

@@ -236,3 +236,74 @@ def test_hybrid_serving_depth_on_real_indexes(
             expected = sorted(fused, key=lambda d: (-fused[d], d))[:10]
             assert rankings[name] == expected
         pipeline.close()
+
+
+# ---- score fusion (a reranker fused with its first stage) ----------------------------------------
+CHAINED = """
+[[stages]]
+kind = "bm25"
+k = 50
+
+[[stages]]
+kind = "dense"
+k = 50
+
+[[stages]]
+kind = "score_fusion"
+stages = ["bm25", "dense"]
+{extra}
+"""
+
+
+def test_score_fusion_fuses_the_scores_earlier_stages_gave(
+    copy_dir: Path, tmp_path: Path, minilm: Any, docs: list[Document]
+) -> None:
+    """BM25's list, rescored by dense, then RRF (and minmax) of the two stages' scores, as fuse() computes them."""
+    query = docs[12].title
+    for method in ("rrf", "minmax"):
+        folder = tmp_path / method
+        folder.mkdir()
+        pipeline = load_pipeline(
+            write_pipeline(folder, CHAINED.format(extra=f'method = "{method}"')), index_dir=copy_dir
+        )
+        pipeline.context.shared(("sentence-encoder", MINILM), lambda: minilm)
+        bm25_list = search(pipeline.stages[0], query)[0]
+        rescored = pipeline.run([Ranking(query=Query("q", query))], stages=slice(0, 2))[0]
+        ranking = pipeline.run([Ranking(query=Query("q", query))])[0]
+        runs = [
+            [(c.doc_id, c.score) for c in bm25_list.candidates],
+            [(c.doc_id, c.score) for c in rescored.candidates],
+        ]
+        expected = fuse(runs, method, rrf_k=60)
+        assert {c.doc_id for c in ranking.candidates} == {c.doc_id for c in bm25_list.candidates}
+        for cand in ranking.candidates:
+            assert cand.score == pytest.approx(expected[cand.doc_id])
+            assert set(cand.stage_scores) == {"bm25", "dense", "score_fusion"}
+        assert ranking.doc_ids() == sorted(expected, key=lambda d: (-expected[d], d))
+        assert ranking.candidates[0].doc_id == docs[12].id
+        pipeline.close()
+
+
+def test_score_fusion_names_must_be_earlier_stages(tmp_path: Path) -> None:
+    body = CHAINED.replace('stages = ["bm25", "dense"]', 'stages = ["bm25", "e2rank"]').format(extra="")
+    with pytest.raises(
+        ConfigError, match=r"reads the scores of \['e2rank'\].*earlier stages: \['bm25', 'dense'\]"
+    ):
+        load_pipeline(write_pipeline(tmp_path, body), index_dir=tmp_path / "index")
+    with pytest.raises(ConfigError, match="2 weights for 3 stages"):
+        load_pipeline(
+            write_pipeline(
+                tmp_path,
+                CHAINED.replace('["bm25", "dense"]', '["bm25", "dense", "bm25"]').format(
+                    extra="weights = [1, 2]"
+                ),
+            ),
+            index_dir=tmp_path / "index",
+        )
+    nested = HYBRID + '\n[[stages]]\nkind = "score_fusion"\nstages = ["fusion", "dense"]\n'
+    assert load_pipeline(write_pipeline(tmp_path, nested), index_dir=tmp_path / "index").stages[
+        1
+    ].reads_scores_of() == [
+        "fusion",
+        "dense",
+    ]  # a fusion's retrievers count as earlier stages
