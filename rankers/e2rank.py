@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from streamrank.encoding import Role, SentenceEncoding
+from streamrank.encoding import SentenceEncoding
 from streamrank.errors import IndexMissingError
 from streamrank.models import MINILM
 from streamrank.rankers.base import Reranker
@@ -172,9 +172,6 @@ class EmbeddingListwise(Reranker):
             max_tokens=self.max_tokens(),
         )
 
-    def _encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
-        return self.encoding.encode(texts, role)
-
     def _dense_index(self) -> Any | None:
         """The dense stage of this pipeline with the same model, if one registered itself."""
         return self.context.dense_for(self.config.model)
@@ -206,7 +203,7 @@ class EmbeddingListwise(Reranker):
                 pass
             missing = [t for t in missing if t not in found]
         if missing:
-            found.update(zip(missing, self._encode(missing, "document"), strict=True))
+            found.update(zip(missing, self.encoding.encode(missing, "document"), strict=True))
         cache.put_many(found)
         return found, len(missing)
 
@@ -223,8 +220,13 @@ class EmbeddingListwise(Reranker):
         _ = self.encoder  # load the model before the clock starts
         started = time.perf_counter()
         prompts = {i: self.pseudo_query(rankings[i].query.text, texts[i]) for i in active}
-        prompt_vecs = self._encode([prompts[i].text for i in active], "query")
-        query_vecs = self._encode([rankings[i].query.text for i in active], "query") if cfg.query_weight else None
+        # cached: a repeated query (or a tuning grid over query_weight) embeds its pseudo-query once
+        prompt_vecs, _ = self.encoding.encode_cached([prompts[i].text for i in active], "query")
+        query_vecs = (
+            self.encoding.encode_cached([rankings[i].query.text for i in active], "query")[0]
+            if cfg.query_weight
+            else None
+        )
         vectors, encoded = self._doc_vectors([rankings[i] for i in active], [texts[i] for i in active])
         seconds = (time.perf_counter() - started) / len(active)
 

@@ -97,6 +97,29 @@ def test_e2rank_matches_reference(context: PipelineContext, query_weight: float 
     assert call.seconds > 0
 
 
+def test_e2rank_embeds_a_pseudo_query_once(context: PipelineContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second stage over the same query (a tuning grid over query_weight) reuses the prompt's vector."""
+    from streamrank.encoding import SentenceEncoding
+
+    encoded: list[str] = []
+    real_encode = SentenceEncoding.encode
+
+    def spy(self: SentenceEncoding, texts, role, **kwargs):  # type: ignore[no-untyped-def]
+        encoded.extend(texts)
+        return real_encode(self, texts, role, **kwargs)
+
+    monkeypatch.setattr(SentenceEncoding, "encode", spy)
+    ctx = PipelineContext(None, device="cpu")
+    first = Pipeline("t", [e2rank(ctx, prompt_docs=5, query_weight=0.2)], ctx).rerank(QUERY, DOCS)
+    assert hand_prompt(DOCS[:5]) in encoded
+    encoded.clear()
+    second = Pipeline("t", [e2rank(ctx, prompt_docs=5, query_weight=0.6)], ctx).rerank(QUERY, DOCS)
+    assert encoded == []  # prompt, query and passages all came from the pipeline's cache
+    expected = reference_scores(ctx, hand_prompt(DOCS[:5]), DOCS, 0.6)
+    np.testing.assert_allclose([c.score for c in second.candidates], np.sort(expected)[::-1], atol=1e-5)
+    assert [c.score for c in first.candidates] != [c.score for c in second.candidates]
+
+
 def test_e2rank_reranks_only_depth_and_keeps_tail(context: PipelineContext) -> None:
     stage = e2rank(context, depth=6, prompt_docs=3, k=10)
     ranking = Pipeline("t", [stage], context).rerank(QUERY, DOCS)
