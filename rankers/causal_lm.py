@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
@@ -265,9 +265,15 @@ class CausalLM:
         return picked, result
 
     def generate_greedy(
-        self, ids: Sequence[int], max_new_tokens: int, *, prefix: CachedPrefix | None = None
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        prefix: CachedPrefix | None = None,
+        stop_after: Collection[int] = (),
     ) -> Generation:
-        """Greedy decoding after ``ids`` (continuing ``prefix`` when given) until a stop token."""
+        """Greedy decoding after ``ids`` (continuing ``prefix`` when given) until a stop token, or just
+        after one of ``stop_after`` (kept in the output: a question's ``?``)."""
         import torch
 
         started = time.perf_counter()
@@ -290,5 +296,7 @@ class CausalLM:
                     if token in self.stop_ids:
                         break
                     out_ids.append(token)
+                    if token in stop_after:
+                        break
                     step = torch.tensor([[token]], dtype=torch.long)
         return Generation(out_ids, self.decode(out_ids), len(ids), time.perf_counter() - started)

@@ -146,6 +146,8 @@ def cmd_train_reranker(args: argparse.Namespace) -> int:
         layers=args.layers,
         list_size=args.list_size,
         checkpoint_every=args.checkpoint_every,
+        pseudo_queries=args.pseudo_queries,
+        generator=args.generator,
     )
     path = train_reranker(
         dataset=args.dataset,
@@ -297,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=8, help="LoRA on the top N layers (0: all)")
     p.add_argument("--list-size", type=int, default=8, help="E2Rank: candidates per query in the listwise loss")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument(
+        "--pseudo-queries",
+        choices=["titles", "generated"],
+        default="titles",
+        help="a split without qrels: queries from titles (first sentences), or questions an LLM writes (GPL)",
+    )
+    p.add_argument("--generator", default="smollm2", help="--pseudo-queries generated: the causal LM (default smollm2)")
     p.set_defaults(func=cmd_train_reranker)
 
     p = sub.add_parser("compare", help="paired comparison of two eval output folders over their shared queries")

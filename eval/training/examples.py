@@ -2,8 +2,9 @@
 
 Where the queries come from (:func:`training_queries`): the split's judged queries when the dataset
 has qrels for it; otherwise (Cranfield, CISI, a user's corpus) pseudo-queries made from the corpus,
-GPL-style: a document's title, or its first sentence when it has none, is the query and the document
-it came from is its one relevant passage.
+GPL-style: a document's title, or its first sentence when it has none (or a question an LLM wrote for
+it: :mod:`~streamrank.eval.training.query_generation`), is the query and the document it came from is
+its one relevant passage.
 
 The target order of a pool (:func:`target_order`): passages judged relevant first (higher grade
 first), then the rest in the teacher pipeline's order (passages the teacher did not return after
@@ -105,8 +106,15 @@ def pseudo_queries(documents: Iterable[Document], count: int, seed: int) -> Quer
     return QuerySource(queries, qrels, "pseudo-queries", description)
 
 
-def training_queries(data: Dataset, split: str, limit: int | None, seed: int) -> QuerySource:
-    """The split's judged queries, or pseudo-queries from the corpus when the split has no qrels."""
+PseudoQueryMaker = Callable[[Iterable[Document], int, int], QuerySource]
+"""(documents, count, seed) -> pseudo-queries: :func:`pseudo_queries` (titles) or generated questions."""
+
+
+def training_queries(
+    data: Dataset, split: str, limit: int | None, seed: int, make_pseudo: PseudoQueryMaker | None = None
+) -> QuerySource:
+    """The split's judged queries, or pseudo-queries from the corpus (``make_pseudo``, default titles)
+    when the split has no qrels."""
     if split in data.splits():
         queries = data.queries(split)[: limit if limit else None]
         if not queries:
@@ -119,7 +127,7 @@ def training_queries(data: Dataset, split: str, limit: int | None, seed: int) ->
             f"dataset {data.name!r} has no split {split!r} and no corpus to make pseudo-queries from "
             f"(splits: {', '.join(data.splits()) or 'none'})"
         )
-    return pseudo_queries(data.corpus(), limit or PSEUDO_QUERIES, seed)
+    return (make_pseudo or pseudo_queries)(data.corpus(), limit or PSEUDO_QUERIES, seed)
 
 
 def target_order(

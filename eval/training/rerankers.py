@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from streamrank.errors import ConfigError, StreamRankError
 from streamrank.eval.training.examples import (
@@ -67,6 +67,10 @@ class RerankerTraining:
     checkpoint_every: int = 50
     query_batch: int = 32
     """Queries per first-stage / teacher call."""
+    pseudo_queries: Literal["titles", "generated"] = "titles"
+    """Where a split has no qrels: titles (first sentences), or questions ``generator`` writes (GPL)."""
+    generator: str = "smollm2"
+    """The causal LM that writes the generated pseudo-queries."""
 
 
 def default_output(pipeline_name: str, stage: str, dataset: str) -> Path:
@@ -120,13 +124,23 @@ def make_examples(
     teacher: str | Path | None,
     limit: int | None,
     options: RerankerTraining,
+    workdir: Path,
 ) -> tuple[list[Example], dict[str, Any]]:
-    """Run the first stage (and the teacher) over the training queries; the stage's examples."""
+    """Run the first stage (and the teacher) over the training queries; the stage's examples.
+    Generated pseudo-queries are kept in ``workdir`` as they are made (a rerun continues)."""
+    from functools import partial
+
     from streamrank.datasets import load_dataset
+    from streamrank.eval.training.query_generation import generated_queries
     from streamrank.pipeline import Pipeline
 
     stage = pipe.stages[position]
-    source = training_queries(load_dataset(dataset), split, limit, options.seed)
+    make_pseudo = (
+        partial(generated_queries, cache=workdir / "generated-queries.jsonl", model=options.generator)
+        if options.pseudo_queries == "generated"
+        else None
+    )
+    source = training_queries(load_dataset(dataset), split, limit, options.seed, make_pseudo)
     print(f"training queries: {source.description}", file=sys.stderr)
     print(
         f"teacher: {teacher or 'none (target: relevant first, then the first stage order)'}", file=sys.stderr
@@ -214,7 +228,9 @@ def train_reranker(
                 file=sys.stderr,
             )
         else:
-            examples, meta = make_examples(pipe, position, str(dataset), split, teacher, limit, options)
+            examples, meta = make_examples(
+                pipe, position, str(dataset), split, teacher, limit, options, checkpoint
+            )
             save_examples(examples_file, examples, meta)
         if not examples:
             raise StreamRankError(

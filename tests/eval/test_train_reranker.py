@@ -174,7 +174,7 @@ def student_losses(
     try:
         pipe.index()
         options = RerankerTraining(steps=steps, lr=lr, batch_size=2)
-        examples, _ = make_examples(pipe, 1, str(data), "train", None, 4, options)
+        examples, _ = make_examples(pipe, 1, str(data), "train", None, 4, options, tmp_path / "work")
         student, settings = _student(pipe.stages[1], document_texts(pipe, examples), options)
         optimizer = torch.optim.AdamW(list(student.trainable().values()), lr=lr)
         losses = []
