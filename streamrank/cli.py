@@ -114,7 +114,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from streamrank.eval.bench import run_benchmark
 
     name = f"{args.name}-ray" if args.ray else args.name  # `bench service --ray` is `service-ray`
-    options = {"pipelines": args.pipelines.split(",")} if args.pipelines else {}
+    options: dict[str, object] = {"pipelines": args.pipelines.split(",")} if args.pipelines else {}
+    if args.model:
+        options["model"] = args.model
     run_benchmark(name, output_dir=Path(args.output) if args.output else None, quick=args.quick, **options)
     return 0
 
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--ray", action="store_true", help="service: beside the same servers on Ray Serve (needs streamrank[ray])")
     p.add_argument("--pipelines", help="service: comma-separated configs to measure (default: bm25,dense,hybrid,e2rank)")
+    p.add_argument("--model", help="rerank: the LLM, e.g. a trained reranker's folder (default: smollm2)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-ranker", help="train a pipeline's learned ranker on a train split")

@@ -105,10 +105,14 @@ class BenchInputs:
     context: PipelineContext
     query: Query
     pool: list[Candidate]
+    model: str = "smollm2"
+    """The LLM every stage's ``llm.model`` names (loaded once, shared through ``context``)."""
 
     def stage(self, kind: str, **options: Any) -> Any:
         from streamrank.config import build_stage
 
+        if "llm" in options:
+            options["llm"] = {"model": self.model, **options["llm"]}
         return build_stage({"kind": kind, **options}, self.context, f"bench {kind}")
 
     def run(self, stage: Any, size: int) -> tuple[Ranking, float]:
@@ -221,8 +225,11 @@ def part_streaming(inputs: BenchInputs, sizes: Sequence[int], group_size: int, c
     }
 
 
-def run_rerank_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """Run parts (a)-(d) (module docstring); print a table, return the figures."""
+def run_rerank_benchmark(
+    output_dir: Path | None = None, quick: bool = False, model: str = "smollm2"
+) -> dict[str, Any]:
+    """Run parts (a)-(d) (module docstring) with the LLM ``model`` (a trained reranker's folder too);
+    print a table, return the figures."""
     import torch
 
     from streamrank.rankers.causal_lm_loading import LLMSettings, load_causal_lm, resolve_device
@@ -234,14 +241,14 @@ def run_rerank_benchmark(output_dir: Path | None = None, quick: bool = False) ->
     sizes, group_size = ((12, 24, 48), 6) if quick else ((100, 400, 1600), 10)
 
     started = time.perf_counter()
-    llm = load_causal_lm(LLMSettings(), "cpu")
+    llm = load_causal_lm(LLMSettings(model=model), "cpu")
     load_seconds = time.perf_counter() - started
     context = PipelineContext(None)
     for passage_cap in (cap, group_cap):
-        settings = LLMSettings(max_passage_tokens=passage_cap)
+        settings = LLMSettings(model=model, max_passage_tokens=passage_cap)
         context.shared(settings.cache_key(resolve_device(settings)), lambda: llm)
     query, pool = dl19_pool(max(top, *sizes))
-    inputs = BenchInputs(context, query, pool)
+    inputs = BenchInputs(context, query, pool, model)
     result: dict[str, Any] = {
         "model": llm.name,
         "torch_threads": threads,
