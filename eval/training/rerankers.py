@@ -142,6 +142,8 @@ def make_examples(
     )
     source = training_queries(load_dataset(dataset), split, limit, options.seed, make_pseudo)
     print(f"training queries: {source.description}", file=sys.stderr)
+    if make_pseudo is not None and source.kind == "qrels":
+        print("note: --pseudo-queries generated is not used: the split has qrels", file=sys.stderr)
     print(
         f"teacher: {teacher or 'none (target: relevant first, then the first stage order)'}", file=sys.stderr
     )
