@@ -122,11 +122,12 @@ def check_score_references(stages: Sequence[BaseStage], where: str) -> None:
         for child in stage.children:
             yield from names(child)
 
-    for i, stage in enumerate(stages):
-        earlier = [n for s in stages[:i] for n in names(s)]
+    earlier: list[str] = []
+    for stage in stages:
         unknown = [n for n in stage.reads_scores_of() if n not in earlier]
         if unknown:
             raise ConfigError(
                 f"{where}: stage {stage.name!r} reads the scores of {unknown}, which no earlier stage is "
                 f"named (earlier stages: {earlier or 'none'})"
             )
+        earlier.extend(names(stage))

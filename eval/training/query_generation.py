@@ -68,10 +68,8 @@ class QuestionGenerator:
         self.name = model
         self.lm = load_causal_lm(LLMSettings(model=model), device)
         self.head, self.tail = self.lm.chat_frame(None)
-        vocab = self.lm.tokenizer.get_vocab()
-        self.question_marks = frozenset(
-            i for i in vocab.values() if "?" in self.lm.decode([i]) or "\n" in self.lm.decode([i])
-        )
+        pieces = {i: self.lm.decode([i]) for i in self.lm.tokenizer.get_vocab().values()}
+        self.question_marks = frozenset(i for i, text in pieces.items() if "?" in text or "\n" in text)
 
     def __call__(self, document: Document) -> str:
         passage = " ".join(document.contents.split()[:PASSAGE_WORDS])
