@@ -150,6 +150,7 @@ def cmd_train_reranker(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         pseudo_queries=args.pseudo_queries,
         generator=args.generator,
+        dtype=args.dtype,
     )
     path = train_reranker(
         dataset=args.dataset,
@@ -309,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a split without qrels: queries from titles (first sentences), or questions an LLM writes (GPL)",
     )
     p.add_argument("--generator", default="smollm2", help="--pseudo-queries generated: the causal LM (default smollm2)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="forward-pass compute dtype (default auto: bfloat16 autocast where the CPU/GPU runs it natively)",
+    )
     p.set_defaults(func=cmd_train_reranker)
 
     p = sub.add_parser("compare", help="paired comparison of two eval output folders over their shared queries")

@@ -42,6 +42,9 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     decay: Literal["constant", "cosine"] = "constant"
     """After the warm-up: a constant rate, or cosine decay to 0 at ``steps`` (then a resume must keep ``steps``)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Compute dtype of the forward pass: ``bfloat16`` runs it under autocast (weights, optimizer state and
+    the loss stay float32); ``auto`` is bfloat16 where it runs natively (AVX-512 BF16 / AMX, CUDA)."""
 
     def lr_at(self, step: int) -> float:
         """The learning rate of ``step`` (0-based): linear warm-up, then constant or cosine decay."""
@@ -119,6 +122,7 @@ def run_loop(
     log = TrainingLog()
     if resume:
         log = load_checkpoint(checkpoint, params, optimizer, settings)
+    autocast = compute_context(settings.dtype, str(getattr(student, "device", "cpu")))
     bar = tqdm(total=settings.steps, initial=log.step, desc=desc, unit="step", file=sys.stderr)
     with bar:
         while log.step < settings.steps:
@@ -133,7 +137,8 @@ def run_loop(
             torch.manual_seed(
                 settings.seed * 1_000_003 + log.step
             )  # dropout, if any, depends on the step only
-            loss, parts = student.loss(batch, shuffle_rng(settings.seed, log.step))
+            with autocast:
+                loss, parts = student.loss(batch, shuffle_rng(settings.seed, log.step))
             loss.backward()
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
@@ -150,6 +155,19 @@ def run_loop(
             if log.step % settings.checkpoint_every == 0 or log.step == settings.steps:
                 save_checkpoint(checkpoint, params, optimizer, log, settings)
     return log
+
+
+def compute_context(dtype: str, device: str) -> Any:
+    """The context a training step's forward runs in: bfloat16 autocast, or nothing for float32."""
+    import contextlib
+
+    import torch
+
+    from streamrank.models import resolve_dtype
+
+    if resolve_dtype(dtype, device) != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
 def save_checkpoint(

@@ -71,6 +71,9 @@ class RerankerTraining:
     """Where a split has no qrels: titles (first sentences), or questions ``generator`` writes (GPL)."""
     generator: str = "smollm2"
     """The causal LM that writes the generated pseudo-queries."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "auto"
+    """Forward-pass compute dtype (:class:`LoopSettings`): ``auto`` trains under bfloat16 autocast where it
+    runs natively (FIRST window on one AVX-512 BF16 core: 6.4 s a step vs 12-14 s in float32)."""
 
 
 def default_output(pipeline_name: str, stage: str, dataset: str) -> Path:
@@ -285,6 +288,7 @@ def _student(target: Any, texts: dict[str, str], options: RerankerTraining) -> t
         lr=lr,
         seed=options.seed,
         checkpoint_every=options.checkpoint_every,
+        dtype=options.dtype,
     )
     return student, settings
 
@@ -303,6 +307,8 @@ def training_record(
 ) -> dict[str, Any]:
     """What ``training.json`` says: how the model was trained and what it cost."""
     import torch
+
+    from streamrank.models import resolve_dtype
 
     def mean(values: Sequence[float]) -> float:
         return float(sum(values) / len(values)) if values else float("nan")
@@ -327,6 +333,7 @@ def training_record(
         "loss_last_10": mean(log.losses[-10:]),
         "loss_curve": [round(v, 5) for v in log.losses],
         "loss_parts": {k: [round(v, 5) for v in vs] for k, vs in log.parts.items()},
+        "compute_dtype": resolve_dtype(settings.dtype, str(student.device)),
         "torch_threads": torch.get_num_threads(),
         "device": str(student.device),
         "machine": platform.machine(),

@@ -25,7 +25,7 @@ from streamrank.eval.training.examples import (
     training_queries,
     windows_of,
 )
-from streamrank.eval.training.loop import batch_indices
+from streamrank.eval.training.loop import batch_indices, compute_context
 from streamrank.stage import BaseStage
 from streamrank.types import Candidate, Document, Ranking
 
@@ -106,6 +106,17 @@ def test_weighted_ranknet_prefers_the_target_order_and_weights_the_top() -> None
     ce, ranknet = first_token_loss(vocab, torch.tensor([4, 7]), torch.tensor([1, 0]))
     (ce + ranknet).backward()
     assert vocab.grad[7] < 0 < vocab.grad[4]  # raise the best passage's identifier, lower the other
+
+
+def test_bfloat16_training_runs_the_forward_under_autocast_and_float32_does_not() -> None:
+    layer = torch.nn.Linear(4, 4)
+    with compute_context("bfloat16", "cpu"):
+        low = layer(torch.ones(1, 4))
+    with compute_context("float32", "cpu"):
+        full = layer(torch.ones(1, 4))
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert layer.weight.dtype == torch.float32  # the weights (and so the optimizer) stay float32
+    torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.02)
 
 
 # ---- the real models ------------------------------------------------------------------------------
@@ -212,6 +223,7 @@ def test_first_trains_resumes_saves_and_the_folder_ranks(tmp_path: Path, tiny_da
     record = json.loads((straight / "training.json").read_text())
     assert record["recipe"] == "FIRST" and record["steps"] == 2 and len(record["loss_curve"]) == 2
     assert record["source"] == "qrels" and record["teacher"] is None and record["examples_per_second"] > 0
+    assert record["settings"]["dtype"] == "auto" and record["compute_dtype"] in ("float32", "bfloat16")
     assert (straight / "config.json").exists() and (straight / "tokenizer.json").exists()
 
     half = RerankerTraining(steps=1, checkpoint_every=1, lr=1e-3)
