@@ -151,6 +151,7 @@ def cmd_train_reranker(args: argparse.Namespace) -> int:
         pseudo_queries=args.pseudo_queries,
         generator=args.generator,
         dtype=args.dtype,
+        order=args.order,
     )
     path = train_reranker(
         dataset=args.dataset,
@@ -310,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a split without qrels: queries from titles (first sentences), or questions an LLM writes (GPL)",
     )
     p.add_argument("--generator", default="smollm2", help="--pseudo-queries generated: the causal LM (default smollm2)")
+    p.add_argument(
+        "--order",
+        choices=["shuffled", "first-stage"],
+        default="shuffled",
+        help="FIRST/groupwise: passages of each example shuffled (the recipe) or in the first stage's order",
+    )
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],

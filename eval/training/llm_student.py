@@ -2,7 +2,8 @@
 its own prompts.
 
 Every example is a window (FIRST) or a group (groupwise) of the first stage's candidates in a fresh
-random order, put into the very prompt the stage scores (``window_prompt`` / ``group_prompt``, one
+random order (``order = "shuffled"``, the recipe's default: position stops deciding), or in the first
+stage's order as the stage sees them at inference (``"first-stage"``), put into the very prompt the stage scores (``window_prompt`` / ``group_prompt``, one
 prompt builder for training and inference). One forward pass gives the logits at the answer position;
 the loss is :func:`~streamrank.eval.training.losses.first_token_loss`. The stage's model is copied
 first (the pipeline's shared model is never changed); on a CPU LoRA adapters (peft) on the top
@@ -15,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class LLMStudent:
         lora_rank: int = 8,
         layers: int = 8,
         seed: int = 0,
+        order: Literal["shuffled", "first-stage"] = "shuffled",
     ) -> None:
         import torch
 
@@ -66,6 +68,7 @@ class LLMStudent:
         model = copy.deepcopy(llm.model)
         model.requires_grad_(full)
         self.full = full
+        self.order = order
         if full:
             self.description = f"the whole model ({sum(p.numel() for p in model.parameters()):,} parameters)"
         else:
@@ -77,8 +80,10 @@ class LLMStudent:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def prompts(self, example: Example, rng: np.random.Generator) -> tuple[ListwisePrompt, list[int]]:
-        """The example's passages in a random order in the stage's prompt, and each one's target rank."""
-        order = rng.permutation(len(example.doc_ids))
+        """The example's passages in the stage's prompt (shuffled, or in first-stage order), and each one's
+        target rank."""
+        n = len(example.doc_ids)
+        order = rng.permutation(n) if self.order == "shuffled" else np.arange(n)
         rank_of = {index: rank for rank, index in enumerate(example.target)}
         prompt = self.prompt(example.query, [self.texts[example.doc_ids[i]] for i in order])
         return prompt, [rank_of[int(i)] for i in order]

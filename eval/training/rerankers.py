@@ -71,6 +71,8 @@ class RerankerTraining:
     """Where a split has no qrels: titles (first sentences), or questions ``generator`` writes (GPL)."""
     generator: str = "smollm2"
     """The causal LM that writes the generated pseudo-queries."""
+    order: Literal["shuffled", "first-stage"] = "shuffled"
+    """FIRST / groupwise: passages of each example shuffled (the recipe), or in the first stage's order."""
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     """Forward-pass compute dtype (:class:`LoopSettings`): ``auto`` trains under bfloat16 autocast where it
     runs natively (FIRST window on one AVX-512 BF16 core: 6.4 s a step vs 12-14 s in float32)."""
@@ -280,6 +282,7 @@ def _student(target: Any, texts: dict[str, str], options: RerankerTraining) -> t
             lora_rank=options.lora_rank,
             layers=options.layers,
             seed=options.seed,
+            order=options.order,
         )
         batch, lr = options.batch_size or 1, options.lr or (1e-5 if options.full else 2e-4)
     settings = LoopSettings(
@@ -323,6 +326,7 @@ def training_record(
         "examples": examples,
         "base_model": getattr(student, "base_model", None),
         "trainable": student.description,
+        "passage_order": getattr(student, "order", None),
         "settings": asdict(settings),
         "steps": log.step,
         "resumed_from": log.resumed_from,

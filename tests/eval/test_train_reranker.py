@@ -119,6 +119,23 @@ def test_bfloat16_training_runs_the_forward_under_autocast_and_float32_does_not(
     torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("order", ["shuffled", "first-stage"])
+def test_llm_examples_are_shuffled_or_kept_in_first_stage_order(order: str) -> None:
+    from types import SimpleNamespace
+
+    from streamrank.eval.training.llm_student import LLMStudent
+
+    texts = {f"d{i}": f"passage {i}" for i in range(8)}
+    seen: list[list[str]] = []
+    fake = SimpleNamespace(order=order, texts=texts, prompt=lambda q, passages: seen.append(list(passages)))
+    example = Example("q", "query", tuple(texts), (3, 0, 1, 2, 4, 5, 6, 7), 1)
+    _, ranks = LLMStudent.prompts(fake, example, np.random.default_rng(0))
+    rank_of = {doc: rank for rank, doc in enumerate(example.doc_ids[i] for i in example.target)}
+    assert ranks == [rank_of[f"d{p.split()[1]}"] for p in seen[0]]  # each passage keeps its target rank
+    in_order = seen[0] == [texts[d] for d in example.doc_ids]
+    assert in_order == (order == "first-stage")
+
+
 # ---- the real models ------------------------------------------------------------------------------
 _MODELS: dict[str, Any] = {}
 
