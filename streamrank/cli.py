@@ -152,6 +152,7 @@ def cmd_train_reranker(args: argparse.Namespace) -> int:
         generator=args.generator,
         dtype=args.dtype,
         order=args.order,
+        heldout=args.heldout,
     )
     path = train_reranker(
         dataset=args.dataset,
@@ -316,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["shuffled", "first-stage"],
         default="shuffled",
         help="FIRST/groupwise: passages of each example shuffled (the recipe) or in the first stage's order",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="FIRST/groupwise: keep N examples out of training; training.json reports how the trained and untrained model order them",
     )
     p.add_argument(
         "--dtype",

@@ -103,6 +103,37 @@ class LLMStudent:
         ranknet = torch.stack([r for _, r in parts]).mean()
         return ce + RANKNET_WEIGHT * ranknet, {"ce": float(ce.detach()), "ranknet": float(ranknet.detach())}
 
+    def heldout_report(self, examples: Sequence[Example], seed: int, *, trained: bool = True) -> dict[str, Any]:
+        """How the trained (or, ``trained=False``, the untrained) model orders held-out examples, put in the
+        student's order (shuffled once with ``seed``, or the first stage's): the share whose highest identifier logit is a relevant passage (``top1_relevant``),
+        the mean reciprocal rank of the first relevant one, and how often each prompt position got the
+        highest logit (a model that learned a position, not relevance, shows one dominant position)."""
+        import contextlib
+
+        import torch
+
+        rng = np.random.default_rng([seed, 2])
+        off = getattr(self.model, "disable_adapter", None) if not trained else None
+        if not trained and off is None:
+            raise ValueError("the untrained model is only at hand for a LoRA student")
+        top1, reciprocal, positions = 0, 0.0, [0] * max(len(e.doc_ids) for e in examples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), off() if off is not None else contextlib.nullcontext():
+                for example in examples:
+                    prompt, ranks = self.prompts(example, rng)
+                    logits = self.answer_logits([prompt.ids])[0][list(prompt.label_ids)]
+                    order = torch.argsort(logits.float(), descending=True).tolist()
+                    relevant = [r < example.relevant for r in ranks]
+                    positions[order[0]] += 1
+                    top1 += relevant[order[0]]
+                    reciprocal += next((1 / (k + 1) for k, p in enumerate(order) if relevant[p]), 0.0)
+        finally:
+            self.model.train(was_training)
+        n = len(examples)
+        return {"examples": n, "top1_relevant": top1 / n, "mrr": reciprocal / n, "top_position_counts": positions}
+
     def answer_logits(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Vocabulary logits after each sequence (left-padded batch): [len(sequences), vocabulary]."""
         import torch

@@ -15,7 +15,7 @@ import streamrank
 from streamrank import registry
 from streamrank.cli import main
 from streamrank.datasets import load_dataset
-from streamrank.errors import RankerError, StreamRankError
+from streamrank.errors import ConfigError, RankerError, StreamRankError
 from streamrank.eval.training import RerankerTraining, train_reranker
 from streamrank.eval.training.examples import (
     Example,
@@ -277,6 +277,27 @@ def test_first_trains_resumes_saves_and_the_folder_ranks(tmp_path: Path, tiny_da
             identifier_logits(stage.llm, broken, None)
     finally:
         trained.close()
+
+
+def test_heldout_examples_are_kept_out_and_both_models_reported(tmp_path: Path, tiny_dataset: Path) -> None:
+    from streamrank.eval.training.rerankers import hold_out
+
+    examples = [Example(f"q{i}", "q", ("a", "b"), (0, 1), 1) for i in range(10)]
+    kept, held = hold_out(examples, 3, seed=0)
+    assert len(held) == 3 and len(kept) == 7 and not {e.query_id for e in kept} & {e.query_id for e in held}
+    assert hold_out(examples, 3, seed=0) == (kept, held) and hold_out(examples, 0, seed=0) == (examples, [])
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        hold_out(examples, 10, seed=0)
+
+    config = pipeline_file(tmp_path, tiny_dataset, FIRST)
+    options = RerankerTraining(steps=1, lr=1e-3, heldout=2)
+    out = train_reranker(str(tiny_dataset), config, output=tmp_path / "held", limit=6, options=options)
+    record = json.loads((out / "training.json").read_text())
+    for model in ("trained", "untrained"):
+        report = record["heldout"][model]
+        assert report["examples"] == 2 and sum(report["top_position_counts"]) == 2
+        assert 0 <= report["top1_relevant"] <= 1 and 0 < report["mrr"] <= 1  # every window holds a relevant passage
+    assert record["examples"] == len(json.loads((out / "checkpoint" / "examples.json").read_text())["examples"]) - 2
 
 
 def test_e2rank_trains_resumes_and_the_folder_ranks(tmp_path: Path, tiny_dataset: Path) -> None:
