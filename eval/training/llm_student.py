@@ -3,8 +3,8 @@ its own prompts.
 
 Every example is a window (FIRST) or a group (groupwise) of the first stage's candidates in a fresh
 random order (``order = "shuffled"``, the recipe's default: position stops deciding), or in the first
-stage's order as the stage sees them at inference (``"first-stage"``), put into the very prompt the stage scores (``window_prompt`` / ``group_prompt``, one
-prompt builder for training and inference). One forward pass gives the logits at the answer position;
+stage's order as the stage sees them at inference (``"first-stage"``), put into the very prompt the
+stage scores (``window_prompt`` / ``group_prompt``, one prompt builder for training and inference). One forward pass gives the logits at the answer position;
 the loss is :func:`~streamrank.eval.training.losses.first_token_loss`. The stage's model is copied
 first (the pipeline's shared model is never changed); on a CPU LoRA adapters (peft) on the top
 ``layers`` layers are trained, so the layers below run without a graph; ``full`` trains every weight.
@@ -105,22 +105,24 @@ class LLMStudent:
 
     def heldout_report(self, examples: Sequence[Example], seed: int, *, trained: bool = True) -> dict[str, Any]:
         """How the trained (or, ``trained=False``, the untrained) model orders held-out examples, put in the
-        student's order (shuffled once with ``seed``, or the first stage's): the share whose highest identifier logit is a relevant passage (``top1_relevant``),
-        the mean reciprocal rank of the first relevant one, and how often each prompt position got the
-        highest logit (a model that learned a position, not relevance, shows one dominant position)."""
+        student's order (shuffled once with ``seed``, or the first stage's): the share whose highest
+        identifier logit is a relevant passage (``top1_relevant``), the mean reciprocal rank of the first
+        relevant one, and how often each prompt position got the highest logit (a model that learned a
+        position, not relevance, shows one dominant position)."""
         import contextlib
 
         import torch
 
-        rng = np.random.default_rng([seed, 2])
-        off = getattr(self.model, "disable_adapter", None) if not trained else None
-        if not trained and off is None:
+        if not trained and self.full:
             raise ValueError("the untrained model is only at hand for a LoRA student")
+        # peft's disable_adapter runs the frozen base weights: the untrained model, without a second copy
+        weights = contextlib.nullcontext() if trained else self.model.disable_adapter()
+        rng = np.random.default_rng([seed, 2])
         top1, reciprocal, positions = 0, 0.0, [0] * max(len(e.doc_ids) for e in examples)
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), off() if off is not None else contextlib.nullcontext():
+            with torch.no_grad(), weights:
                 for example in examples:
                     prompt, ranks = self.prompts(example, rng)
                     logits = self.answer_logits([prompt.ids])[0][list(prompt.label_ids)]

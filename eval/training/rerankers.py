@@ -250,9 +250,10 @@ def train_reranker(
             )
         print(f"{recipe}: {len(examples)} examples from {meta['queries']} queries", file=sys.stderr)
         texts = document_texts(pipe, examples)
-        if options.heldout and recipe == "E2Rank":
+        heldout = options.heldout if recipe != "E2Rank" else 0
+        if options.heldout and not heldout:
             print("note: --heldout applies to FIRST/groupwise; E2Rank trains on every example", file=sys.stderr)
-        examples, held = hold_out(examples, options.heldout if recipe != "E2Rank" else 0, options.seed)
+        examples, held = hold_out(examples, heldout, options.seed)
         student, settings = _student(target, texts, options)
         print(
             f"training {student.description} for {settings.steps} steps of {settings.batch_size}",
