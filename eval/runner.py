@@ -51,11 +51,14 @@ def run_eval(
     *,
     measures: Sequence[str] | None = None,
     top: int | None = None,
+    from_stage: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pipeline`` on ``dataset``/``split``; write the outputs to ``output``; return metrics.json.
 
     ``top``: rank each query as a request for its best ``top`` would (the serving path: the last stage
     searches only as deep as that needs, fusion's retrievers ``serve_depth`` deep); default: full depth.
+    ``from_stage``: run only the stages from the one of that name on, over the supplied candidates (a
+    reranking-form dataset's pool or ``candidates``).
     """
     if batch_size < 1:
         raise StreamRankError(f"batch size must be at least 1, got {batch_size}")
@@ -68,9 +71,20 @@ def run_eval(
     measures = list(measures or default_measures(data.rel_level))
     compared = [_load_result(Path(d)) for d in compare]  # fail early on a bad folder
 
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     pipe = load_pipeline(pipeline, corpus=str(dataset) if data.has_corpus else "", index_dir=index_dir)
+    if from_stage is not None:
+        if candidates is None and data.kind != "rerank":
+            pipe.close()
+            raise StreamRankError(
+                f"--from-stage {from_stage!r} reranks supplied candidates: {data.name!r} supplies none, pass --candidates"
+            )
+        try:
+            pipe = pipe.from_stage(from_stage)
+        except StreamRankError:
+            pipe.close()
+            raise
     try:
         index_seconds = _ensure_index(pipe)
         started = time.perf_counter()
@@ -295,13 +309,15 @@ class ReproRow(BaseModel):
     limit: int | None = None
     candidates: str | None = None
     top: int | None = None
+    from_stage: str | None = None
     note: str = ""
 
     @property
     def label(self) -> str:
-        """The pipeline as the check's table names it (``hybrid``, ``hybrid top 10``)."""
-        stem = Path(self.pipeline).stem
-        return f"{stem} top {self.top}" if self.top is not None else stem
+        """The pipeline as the check's table names it (``hybrid``, ``hybrid top 10``, ``first from first``)."""
+        label = Path(self.pipeline).stem
+        label += f" from {self.from_stage}" if self.from_stage else ""
+        return f"{label} top {self.top}" if self.top is not None else label
 
 
 def load_table(path: str | Path | None = None) -> list[ReproRow]:
@@ -367,7 +383,7 @@ def check_reproducibility(
 
 
 def _check_row(i: int, row: ReproRow, limit: int | None, base: Path) -> list[Any]:
-    name = f"{i:02d}-{slug(row.dataset)}-{slug(Path(row.pipeline).stem)}"
+    name = f"{i:02d}-{slug(row.dataset)}-{slug(row.label)}"
     cells: list[Any] = [row.dataset, row.label, row.measure, row.expected]
     try:
         measure = measure_name(row.measure)
@@ -382,6 +398,7 @@ def _check_row(i: int, row: ReproRow, limit: int | None, base: Path) -> list[Any
             batch_size=16,
             measures=measures,
             top=row.top,
+            from_stage=row.from_stage,
         )
     except Exception as exc:  # noqa: BLE001 - one broken row is reported as ERROR; the table goes on
         print(f"row {i} ({row.dataset}, {row.pipeline}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -128,8 +128,6 @@ class DenseRetriever(IndexedRetriever):
         self._emb: np.ndarray | None = None
         self._built_as = config.index_type
         self._supplied: Mapping[str, np.ndarray] | None = None  # see supply_embeddings
-        if context is not None:  # let other stages of the pipeline (E2Rank) find the stored vectors
-            context.register_dense(config.model, self)
 
     # ---- encoding -----------------------------------------------------------------------------
     @property
@@ -225,6 +223,13 @@ class DenseRetriever(IndexedRetriever):
             return {i: self._emb[self._row_of[i]] for i in doc_ids if i in self._row_of}
 
     # ---- index settings and files -------------------------------------------------------------
+    def vector_settings(self) -> dict[str, Any]:
+        """What the stored vectors depend on, from the config alone (compared when another stage names
+        this one in ``vectors_from``)."""
+        cfg = self.config
+        return {"model": cfg.model, "dtype": cfg.dtype, "document_prefix": cfg.document_prefix,
+                "use_model_prompts": cfg.use_model_prompts, "lowrank": cfg.lowrank}
+
     def settings(self) -> dict[str, Any]:
         cfg = self.config
         settings: dict[str, Any] = {

@@ -8,7 +8,9 @@ only the rows whose walks touched a changed node are re-walked.
 The graph links each document to its ``neighbors`` nearest documents by the dense stage's embeddings
 and, with ``lexical_neighbors`` > 0, to its top BM25 hits when its own text (first
 ``LEXICAL_QUERY_TERMS`` terms) is the query, as in GAR's corpus graph (MacAvaney et al., 2022),
-searched in the pipeline's BM25 index (``bm25_index``) at build time and for every added document.
+searched in the BM25 stage named by ``lexical_from`` at build time and for every added document.
+Both are stages the pipeline file declares, named here (``vectors_from = "dense"``) and bound when the
+pipeline is loaded; PPR builds no stage of its own.
 
 The stage seeds PPR with the incoming first-stage ranking (top ``seeds`` candidates, weighted by
 ``1 / (rrf_k + rank)`` or by min-max score) mixed with the query's ``user_history`` documents
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from streamrank.errors import ConfigError
 from streamrank.index.base import IndexedConfig, IndexedStage
@@ -40,7 +42,7 @@ from streamrank.index.ppr_solvers import (
     transition_matrix,
 )
 from streamrank.index.scores import fuse_with_ppr, minmax
-from streamrank.models import MINILM
+from streamrank.stage import require_vector_source
 from streamrank.types import Candidate, Document, Query, Ranking
 
 if TYPE_CHECKING:
@@ -61,8 +63,8 @@ class PPRConfig(IndexedConfig):
     """Sub-folder of the index_dir holding the graph (and fingerprints)."""
     k: int = Field(100, ge=1)
     # graph (index-time: a change needs a rebuild)
-    dense_model: str = MINILM
-    """The dense stage whose stored embeddings the kNN graph links (its ``model``)."""
+    vectors_from: str = "dense"
+    """Name of the pipeline's dense stage whose stored embeddings the kNN graph links."""
     neighbors: int = Field(10, ge=1)
     min_similarity: float = 0.0
     """Edges with cosine at or below this are dropped."""
@@ -71,8 +73,8 @@ class PPRConfig(IndexedConfig):
     edge_weight: float = Field(1.0, ge=0)
     lexical_neighbors: int = Field(0, ge=0)
     """BM25 neighbours per document (GAR's lexical corpus graph; 16 in the paper); 0: none."""
-    bm25_index: str = "bm25"
-    """The BM25 index (its stage's ``index`` folder) the lexical neighbours are searched in."""
+    lexical_from: str = "bm25"
+    """Name of the pipeline's BM25 stage the lexical neighbours are searched in (with ``lexical_neighbors``)."""
     lexical_weight: float = Field(0.5, ge=0)
     """Weight of the lexical edges (BM25 score / the document's best score) beside the kNN cosines."""
     # solver
@@ -102,6 +104,15 @@ class PPRConfig(IndexedConfig):
     """``weight`` for requests that carry a user history (default: ``weight``)."""
     rrf_k: int = Field(60, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        renamed = {"dense_model": "vectors_from", "bm25_index": "lexical_from"}
+        for old, new in renamed.items():
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"`{old}` was replaced by `{new}`: the name of the pipeline's stage to read from")
+        return data
+
 
 @dataclass
 class _Solved:
@@ -129,30 +140,47 @@ class PPRStage(IndexedStage):
     def __init__(self, config: PPRConfig, context: Any) -> None:
         super().__init__(config, context)
         self._solved: _Solved | None = None
+        self._bound: dict[str, Any] = {}
 
-    # ---- the dense index the graph is built from ---------------------------------------------
+    # ---- the stages the graph is built from (bound by name when the pipeline is loaded) -------
+    def references(self) -> dict[str, str]:
+        refs = {"vectors_from": self.config.vectors_from}
+        if self.config.lexical_neighbors:
+            refs["lexical_from"] = self.config.lexical_from
+        return refs
+
+    def bind(self, key: str, stage: Any) -> None:
+        from streamrank.index.bm25 import BM25Retriever
+
+        if key == "vectors_from":
+            stage = require_vector_source(self, key, stage, {})
+        elif not isinstance(stage, BM25Retriever):
+            raise ConfigError(
+                f"stage {self.name!r}: {key} = {stage.name!r} names a {type(stage).__name__}; the lexical "
+                "neighbours are searched in an unsharded bm25 stage"
+            )
+        self._bound[key] = stage
+
+    def _stage(self, key: str) -> Any:
+        stage = self._bound.get(key)
+        if stage is None:
+            raise ConfigError(
+                f"ppr stage {self.name!r}: {key} = {getattr(self.config, key)!r} is not bound (load the stage "
+                "through a pipeline file, which binds stage references)"
+            )
+        return stage
+
     def dense(self) -> DenseRetriever:
-        """The pipeline's dense stage for ``dense_model`` (one is made if the pipeline has none)."""
-        model = self.config.dense_model
-        return self.context.dense_or_build(
-            model,
-            lambda: self.context.build_stage({"kind": "dense", "model": model}, f"ppr stage {self.name!r}"),
-        )
-
-    def dependencies(self) -> tuple[DenseRetriever]:
-        """The dense stage: built and updated before the graph that links its embeddings."""
-        return (self.dense(),)
+        """The dense stage ``vectors_from`` names."""
+        return self._stage("vectors_from")
 
     def bm25(self) -> BM25Retriever:
-        """A BM25 stage over the pipeline's ``bm25_index`` (for the lexical neighbours)."""
-        name, depth = self.config.bm25_index, self.config.lexical_neighbors + 1  # + the document itself
-        return self.context.bm25_or_build(
-            name,
-            depth,
-            lambda: self.context.build_stage(
-                {"kind": "bm25", "index": name, "k": depth}, f"ppr stage {self.name!r}"
-            ),
-        )
+        """The BM25 stage ``lexical_from`` names (for the lexical neighbours)."""
+        return self._stage("lexical_from")
+
+    def dependencies(self) -> tuple[Any, ...]:
+        """The stages the graph reads: built and updated before it."""
+        return tuple(self._bound[key] for key in self.references() if key in self._bound)
 
     def settings(self) -> dict[str, Any]:
         dense = self.dense()
@@ -164,12 +192,12 @@ class PPRStage(IndexedStage):
             "dense_model": dense.settings()["model"],
         }
         if self.config.lexical_neighbors:  # absent otherwise: graphs built before the option still match
-            bm25 = self.bm25().config
+            bm25 = self.bm25()
             settings["lexical"] = {
                 "neighbors": self.config.lexical_neighbors,
-                "bm25_index": self.config.bm25_index,
-                "k1": bm25.k1,
-                "b": bm25.b,
+                "bm25_index": bm25.folder.name,
+                "k1": bm25.config.k1,
+                "b": bm25.config.b,
                 "query_terms": LEXICAL_QUERY_TERMS,
             }
         return settings
@@ -186,8 +214,7 @@ class PPRStage(IndexedStage):
         if mf.read_manifest(bm25.folder) is None:
             raise ConfigError(
                 f"ppr stage {self.name!r}: lexical_neighbors = {k} needs the pipeline's BM25 index "
-                f"{self.config.bm25_index!r} ({bm25.folder} is not built): add a bm25 stage before this "
-                "one, or set bm25_index to its index folder"
+                f"{bm25.name!r} ({bm25.folder} is not built): index the pipeline first (`streamrank index`)"
             )
         queries = [
             Ranking(query=Query(id=d.id, text=" ".join(d.contents.split()[:LEXICAL_QUERY_TERMS])))

@@ -42,7 +42,7 @@ class ShardContext(PipelineContext):
         folder = None
         if shard is not None:
             folder = shard_root(parent.require_index_dir("a sharded index"), shards) / str(shard)
-        super().__init__(folder, corpus=parent.corpus, device=parent.device)
+        super().__init__(folder, corpus=parent.corpus, device=parent.device, factory=parent.factory)
         self.parent, self.shard, self.shard_count = parent, shard, shards  # self.shards stays 1: no nesting
         self._cache, self._lock = parent._cache, parent._lock  # models are shared with the pipeline
 
@@ -50,10 +50,6 @@ class ShardContext(PipelineContext):
     def store(self) -> ShardStore:  # type: ignore[override]
         assert self.shard is not None, "the coordinator's context has no store view"
         return ShardStore(self.parent.store, self.shard, self.shard_count)
-
-    def register_dense(self, model: str, retriever: Any) -> Any:
-        """A shard's dense stage is not the pipeline's dense stage (E2Rank and graphs need every vector)."""
-        return retriever
 
     def close(self) -> None:
         """Nothing to release: the parent closes the shared models and the store."""
@@ -87,11 +83,9 @@ class ShardWorker:
     """One shard's index stage and the calls a sharded stage makes on it."""
 
     def __init__(self, options: dict[str, Any], parent: PipelineContext, shard: int, shards: int) -> None:
-        from streamrank.config import build_stage
-
         self.shard, self.shards = shard, shards
         self.context = ShardContext(parent, shard, shards)
-        self.stage: Any = build_stage(dict(options), self.context, f"shard {shard} of {shards}")
+        self.stage: Any = self.context.build_stage(dict(options), f"shard {shard} of {shards}")
         self._writes = threading.Lock()
 
     # ---- reading ------------------------------------------------------------------------------

@@ -59,11 +59,9 @@ class ShardedRetriever(BaseStage):
     config: ShardedConfig
 
     def __init__(self, config: ShardedConfig, context: Any) -> None:
-        from streamrank.config import validate_stage
-
         super().__init__(config, context)
         where = f"sharded stage {self.name!r}"
-        inner_cls, inner = validate_stage(config.retriever, f"{where}: retriever")
+        inner_cls, inner = context.validate_stage(config.retriever, f"{where}: retriever")
         if not inner_cls.shardable:
             raise ConfigError(f"{where}: a {inner.kind!r} stage keeps no index to shard")
         if getattr(inner, "history_weight", 0):

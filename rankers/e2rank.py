@@ -36,7 +36,7 @@ from streamrank.encoding import SentenceEncoding
 from streamrank.errors import IndexMissingError
 from streamrank.models import MINILM
 from streamrank.rankers.base import Reranker
-from streamrank.stage import StageConfig
+from streamrank.stage import BaseStage, StageConfig, VectorSource, require_vector_source
 from streamrank.types import Ranking
 
 if TYPE_CHECKING:
@@ -136,6 +136,9 @@ class EmbeddingListwiseConfig(StageConfig):
     """Use the encoder's own query/document prompts when it defines them (as the dense stage does)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Encoder dtype; the dense stage's, so that both share one loaded model and the same vectors."""
+    vectors_from: str | None = None
+    """Name of the pipeline's dense stage whose stored document vectors this stage reuses instead of
+    encoding candidates again; its model, dtype and prompts must be this stage's (checked at load time)."""
 
 
 class EmbeddingListwise(Reranker):
@@ -144,6 +147,10 @@ class EmbeddingListwise(Reranker):
     Config = EmbeddingListwiseConfig
     config: EmbeddingListwiseConfig
     documents_label: ClassVar[str | None] = "reranker"
+
+    def __init__(self, config: EmbeddingListwiseConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self._vectors: VectorSource | None = None
 
     @property
     def encoding(self) -> SentenceEncoding:
@@ -172,9 +179,18 @@ class EmbeddingListwise(Reranker):
             max_tokens=self.max_tokens(),
         )
 
-    def _dense_index(self) -> Any | None:
-        """The dense stage of this pipeline with the same model, if one registered itself."""
-        return self.context.dense_for(self.config.model)
+    def references(self) -> dict[str, str]:
+        return {"vectors_from": self.config.vectors_from} if self.config.vectors_from else {}
+
+    def bind(self, key: str, stage: BaseStage) -> None:
+        cfg = self.config
+        wanted = {"model": cfg.model, "dtype": cfg.dtype, "document_prefix": "",
+                  "use_model_prompts": cfg.use_model_prompts, "lowrank": None}
+        self._vectors = require_vector_source(self, key, stage, wanted)
+
+    def _dense_index(self) -> VectorSource | None:
+        """The dense stage ``vectors_from`` names (its stored vectors), if any."""
+        return self._vectors
 
     def _doc_vectors(
         self, rankings: Sequence[Ranking], texts: Sequence[Sequence[str]]

@@ -84,7 +84,8 @@ def _largest(values: Sequence[float | None]) -> float | None:
 def reranker_split(ref: str) -> int | None:
     """Position of the pipeline's first reranker stage (where a ``rerank-<name>`` deployment takes over);
     None when it has none. Reads the file only: nothing is built or loaded."""
-    from streamrank.config import read_config, validate_stage
+    from streamrank.compose import validate_stage
+    from streamrank.config import read_config
     from streamrank.rankers.base import Reranker
 
     config, source = read_config(ref)
@@ -102,7 +103,7 @@ class PipelineReplica:
     ``split`` and the reranker deployment the rest."""
 
     def __init__(self, ref: str, settings: dict[str, Any], rerankers: Any = None, split: int | None = None) -> None:
-        from streamrank.config import load_pipeline
+        from streamrank.compose import load_pipeline
         from streamrank.service.ray_shards import install_shard_backend
 
         s = Settings.model_validate(settings)
@@ -191,7 +192,7 @@ class RerankerReplica:
     batches the first-stage replicas formed (no second batching window)."""
 
     def __init__(self, ref: str, settings: dict[str, Any], split: int) -> None:
-        from streamrank.config import load_pipeline
+        from streamrank.compose import load_pipeline
 
         s = Settings.model_validate(settings)
         if s.torch_threads is not None:

@@ -2,7 +2,7 @@
 never imports Ray.
 
     # service.toml
-    pipelines = ["configs/dense.toml", "configs/first.toml"]
+    pipelines = ["configs/dense.toml", "experiments/first.toml"]
     batch_window_ms = 5          # the batching bounds are the service's own, for both back ends
     max_batch_size = 32
     [ray]

@@ -97,7 +97,7 @@ class ServiceState:
         log.info("ready: %s in %.1f s", ", ".join(self.pipelines), time.perf_counter() - started)
 
     def _load_pipelines(self) -> None:
-        from streamrank.config import load_pipeline
+        from streamrank.compose import load_pipeline
 
         s = self.settings
         if s.torch_threads is not None:

@@ -1,6 +1,6 @@
 """StreamRank: retrieval and one-pass listwise reranking behind one pipeline definition."""
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.pipeline import Pipeline
 from streamrank.types import Candidate, Document, ModelCall, Query, Ranking
 

@@ -23,7 +23,7 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, default: str | None = "c
 def cmd_index(args: argparse.Namespace) -> int:
     import time
 
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     pipeline = load_pipeline(args.pipeline, corpus=args.dataset or args.corpus, index_dir=args.index_dir)
     started = time.perf_counter()
@@ -45,7 +45,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     pipeline = load_pipeline(args.pipeline, corpus=args.corpus, index_dir=args.index_dir)
     ranking = pipeline.search(args.query, k=args.k)
@@ -82,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         index_dir=args.index_dir,
         compare=[Path(p) for p in args.compare],
         top=args.top,
+        from_stage=args.from_stage,
     )
     print(json.dumps(result["metrics"], indent=2))
     return 0
@@ -223,6 +224,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from streamrank.eval.report import report
+
+    stale = report(Path(args.root), check=args.check)
+    for page in stale:
+        print(f"{page}: {'out of date (run `streamrank report`)' if args.check else 'rewritten'}")
+    if not stale:
+        print("results pages match the reproducibility tables")
+    return 1 if args.check and stale else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N queries")
     p.add_argument("--candidates", help="candidate file (JSON hits or TREC run) to rerank instead of retrieving")
     p.add_argument("--top", type=int, help="rank as a request for the best TOP does (the serving path); default: full depth")
+    p.add_argument(
+        "--from-stage",
+        help="run the pipeline's stages from the one of this name on, over the supplied candidates "
+        "(a reranking-form dataset's pool or --candidates)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="queries per pipeline call (1 = true per-query latency)")
     p.add_argument("--index-dir")
     p.add_argument("--compare", nargs="*", default=[], help="earlier output folders to chart beside this run")
@@ -275,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--ray", action="store_true", help="service: beside the same servers on Ray Serve (needs streamrank[ray])")
-    p.add_argument("--pipelines", help="service: comma-separated configs to measure (default: bm25,dense,hybrid,e2rank)")
+    p.add_argument("--pipelines", help="service: comma-separated configs to measure (default: bm25,dense,hybrid,ppr)")
     p.add_argument("--model", help="rerank: the LLM, e.g. a trained reranker's folder (default: smollm2)")
     p.set_defaults(func=cmd_bench)
 
@@ -338,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", default="nDCG@10")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="regenerate the README's results sections and docs/results.md from the tables")
+    p.add_argument("--root", default=".", help="the checkout (default: the current folder)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a page is out of date")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="grid-search one stage's query-time options on a train split")
     p.add_argument("--dataset", "-d", required=True)

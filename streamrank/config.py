@@ -19,18 +19,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamrank.errors import ConfigError
-from streamrank.registry import stage_class
-
-if TYPE_CHECKING:
-    from streamrank.context import PipelineContext
-    from streamrank.pipeline import Pipeline
-    from streamrank.stage import BaseStage
-
 
 
 def packaged_config_dir() -> Path:
@@ -55,6 +48,13 @@ class PipelineConfig(BaseModel):
     """Split the corpus into this many shards by a stable hash of the document id: every retriever
     with an index (BM25, dense...) gets one index per shard, searched by scatter-gather."""
     stages: list[dict[str, Any]]
+    indexes: list[dict[str, Any]] = []
+    """Stages built and kept current with the corpus but never run on a query: the ones another stage
+    reads by name (the dense stage a PPR graph links, in a pipeline that does not retrieve with it)."""
+    use_for: str = ""
+    """What this pipeline is the one to pick for (the README's "Which pipeline?" table)."""
+    needs: str = ""
+    """What it needs beyond ``make setup`` (``make models``, a training command)."""
 
 
 def describe_validation_error(exc: ValidationError, where: str) -> str:
@@ -71,13 +71,14 @@ def describe_validation_error(exc: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """A path as given, else a bare name looked up in ``./configs`` and then in the packaged configs
-    (``hybrid`` -> configs/hybrid.toml), so a name works from a checkout and from an installed wheel."""
+def resolve_config_path(path: str | Path, near: Path | None = None) -> Path:
+    """A path as given, else a bare name looked up in ``near`` (the folder of a file that extends it),
+    ``./configs`` and then the packaged configs (``hybrid`` -> configs/hybrid.toml), so a name works
+    from a checkout and from an installed wheel."""
     candidate = Path(path).expanduser()
     if candidate.exists():
         return candidate
-    folders = [Path.cwd() / "configs", CONFIG_DIR] if not candidate.is_absolute() else []
+    folders = [] if candidate.is_absolute() else [*([near] if near else []), Path.cwd() / "configs", CONFIG_DIR]
     for folder in dict.fromkeys(folders):
         for guess in (folder / candidate, folder / f"{candidate}.toml"):
             if guess.is_file():
@@ -86,12 +87,84 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"pipeline file {str(path)!r} not found (also looked in {looked})")
 
 
-def read_config(path: str | Path) -> tuple[PipelineConfig, Path]:
-    source = resolve_config_path(path)
+def stage_name(options: dict[str, Any]) -> str:
+    """The name a stage table gives its stage: ``name``, else its ``kind``."""
+    return str(options.get("name") or options.get("kind"))
+
+
+def nested_stages(options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage tables inside one stage table (fusion's ``retrievers``, a sharded stage's ``retriever``)."""
+    inner = options.get("retrievers", [])
+    inner = [*inner, options["retriever"]] if isinstance(options.get("retriever"), dict) else inner
+    return [t for t in inner if isinstance(t, dict)]
+
+
+def all_stage_tables(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every stage table of a pipeline, nested ones included, in file order."""
+    out: list[dict[str, Any]] = []
+    for options in stages:
+        out.append(options)
+        out.extend(all_stage_tables(nested_stages(options)))
+    return out
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` laid over it: tables merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in patch.items():
+        old = merged.get(key)
+        merged[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def read_raw(path: str | Path, near: Path | None = None, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """One pipeline file as a table, with ``extends`` resolved: the base's keys, the file's own keys over
+    them, the file's ``[[stages]]`` appended to the base's, then each ``[override.<stage name>]`` table
+    deep-merged into the stage of that name (nested fusion retrievers included). ``[[indexes]]`` are
+    inherited and appended the same way."""
+    source = resolve_config_path(path, near)
+    if source.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, source.resolve()))
+        raise ConfigError(f"{source}: `extends` goes round in a circle ({chain})")
     try:
         raw = tomllib.loads(source.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    base_ref = raw.pop("extends", None)
+    overrides = raw.pop("override", {})
+    if base_ref is not None:
+        if not isinstance(base_ref, str):
+            raise ConfigError(f"{source}: `extends` names one pipeline file (a string), got {base_ref!r}")
+        base, _ = read_raw(base_ref, source.parent, (*seen, source.resolve()))
+        own = {part: raw.pop(part, []) for part in ("indexes", "stages")}
+        raw = {**base, **raw, **{part: [*base.get(part, []), *own[part]] for part in own}}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ConfigError(f"{source}: `override` holds one table per stage name ([override.dense] ...)")
+    for part in ("indexes", "stages"):
+        if isinstance(raw.get(part), list):
+            raw[part] = [_apply_overrides(t, overrides) for t in raw[part]]
+    tables = all_stage_tables([*raw.get("indexes", []), *raw.get("stages", [])])
+    unknown = sorted(set(overrides) - {stage_name(t) for t in tables})
+    if unknown:
+        known = ", ".join(stage_name(t) for t in tables)
+        raise ConfigError(f"{source}: [override.{unknown[0]}] names no stage of this pipeline (stages: {known})")
+    return raw, source
+
+
+def _apply_overrides(options: Any, overrides: dict[str, dict[str, Any]]) -> Any:
+    if not isinstance(options, dict):
+        return options
+    merged = deep_merge(options, overrides.get(stage_name(options), {}))
+    if isinstance(merged.get("retrievers"), list):
+        merged["retrievers"] = [_apply_overrides(t, overrides) for t in merged["retrievers"]]
+    if isinstance(merged.get("retriever"), dict):
+        merged["retriever"] = _apply_overrides(merged["retriever"], overrides)
+    return merged
+
+
+def read_config(path: str | Path) -> tuple[PipelineConfig, Path]:
+    """A pipeline file, ``extends`` resolved, validated (nothing is built or loaded)."""
+    raw, source = read_raw(path)
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
@@ -99,57 +172,6 @@ def read_config(path: str | Path) -> tuple[PipelineConfig, Path]:
     if not config.stages:
         raise ConfigError(f"{source}: a pipeline needs at least one [[stages]] entry")
     return config, source
-
-
-def validate_stage(options: dict[str, Any], where: str) -> tuple[type[BaseStage], Any]:
-    """The stage class and its validated config for one TOML table (nothing is built or loaded)."""
-    kind = options.get("kind")
-    if not isinstance(kind, str):
-        raise ConfigError(f"{where}: every stage needs a `kind` (a string)")
-    cls = stage_class(kind, where)
-    try:
-        return cls, cls.Config.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, f"{where} ({kind})")) from None
-
-
-def build_stage(options: dict[str, Any], context: PipelineContext, where: str) -> BaseStage:
-    """Instantiate one stage from its TOML table, with errors that say which table was wrong.
-
-    In a pipeline with ``shards = N`` (N > 1), a stage whose class is ``shardable`` is built as a
-    ``sharded`` stage over N copies of it, under the same name.
-    """
-    cls, config = validate_stage(options, where)
-    if context.shards > 1 and cls.shardable:
-        sharded = {"kind": "sharded", "name": config.name or config.kind, "shards": context.shards, "retriever": options}
-        cls, config = validate_stage(sharded, where)
-    return cls(config, context)
-
-
-def load_pipeline(
-    path: str | Path,
-    *,
-    corpus: str | None = None,
-    index_dir: str | Path | None = None,
-    device: str | None = None,
-) -> Pipeline:
-    """Read a pipeline file and build its stages. ``corpus``/``index_dir`` override the file's values.
-
-    ``corpus=""`` means no corpus at all (the pipeline only reranks supplied candidates).
-    """
-    from streamrank.context import PipelineContext
-    from streamrank.pipeline import Pipeline
-    from streamrank.stage import check_score_references, check_unique_names
-
-    config, source = read_config(path)
-    corpus_ref = (corpus if corpus is not None else config.corpus) or None
-    chosen_dir = index_dir if index_dir is not None else config.index_dir
-    resolved_dir = Path(chosen_dir).expanduser() if chosen_dir else default_index_dir(corpus_ref)
-    context = PipelineContext(resolved_dir, corpus=corpus_ref, device=device or config.device, shards=config.shards)
-    stages = [build_stage(opts, context, f"{source}: stages[{i}]") for i, opts in enumerate(config.stages)]
-    check_unique_names(stages, str(source))
-    check_score_references(stages, str(source))
-    return Pipeline(config.name, stages, context, source=source, description=config.description)
 
 
 def default_index_dir(corpus: str | None) -> Path | None:

@@ -1,5 +1,6 @@
-"""What stages of one pipeline share: the corpus store, the index folder, loaded models and the
-stages other stages read from (typed accessors: :meth:`PipelineContext.dense_for`...)."""
+"""What stages of one pipeline share: the corpus store, the index folder, loaded models, and the
+factory that builds the stage tables a stage holds (fusion's retrievers). Core knows no stage kind:
+the factory is given by the composition root (:mod:`streamrank.compose`)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,25 @@ import threading
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from streamrank.errors import IndexMissingError
+from streamrank.errors import ConfigError, IndexMissingError
 from streamrank.store import DocumentStore
 from streamrank.types import Ranking
 
-if TYPE_CHECKING:
-    from streamrank.index.bm25 import BM25Retriever
-    from streamrank.index.dense import DenseRetriever
-    from streamrank.stage import BaseStage
-
 T = TypeVar("T")
+
+
+class StageFactory(Protocol):
+    """Builds and validates stage tables (``{"kind": "bm25", ...}``); given by the composition root."""
+
+    def build(self, options: dict[str, Any], context: PipelineContext, where: str) -> Any:
+        """The stage (a ``BaseStage``) for one table, built in ``context``."""
+        ...
+
+    def validate(self, options: dict[str, Any], where: str) -> tuple[type, Any]:
+        """The stage class and validated config for one table; nothing is built."""
+        ...
 
 
 class PipelineContext:
@@ -29,13 +37,21 @@ class PipelineContext:
     """
 
     def __init__(
-        self, index_dir: Path | None, *, corpus: str | None = None, device: str | None = None, shards: int = 1
+        self,
+        index_dir: Path | None,
+        *,
+        corpus: str | None = None,
+        device: str | None = None,
+        shards: int = 1,
+        factory: StageFactory | None = None,
     ) -> None:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.corpus = corpus
         self.device = device
         self.shards = shards
         """The pipeline's ``shards``: shardable stages are built sharded when it is above 1."""
+        self.factory = factory
+        """Builds nested stage tables; set by :mod:`streamrank.compose` when it builds a stage here."""
         self._cache: dict[Any, Any] = {}
         self._lock = threading.RLock()
 
@@ -62,26 +78,6 @@ class PipelineContext:
         """The shared object under ``key`` if some stage created it, else None (never creates one)."""
         with self._lock:
             return self._cache.get(key)
-
-    # ---- stages other stages read from (typed; the objects live in the shared cache) ---------------
-    def register_dense(self, model: str, retriever: DenseRetriever) -> DenseRetriever:
-        """Make ``retriever`` the pipeline's dense stage for ``model`` unless one is registered already;
-        returns the registered one (the first wins)."""
-        return self.shared(("dense-embeddings", model), lambda: retriever)
-
-    def dense_for(self, model: str) -> DenseRetriever | None:
-        """The dense stage registered for ``model`` (E2Rank and the kNN graph reuse its stored vectors),
-        or None; never creates one."""
-        return self.get(("dense-embeddings", model))
-
-    def dense_or_build(self, model: str, build: Callable[[], DenseRetriever]) -> DenseRetriever:
-        """The dense stage registered for ``model``, or the one ``build()`` makes (registered)."""
-        return self.shared(("dense-embeddings", model), build)
-
-    def bm25_or_build(self, index: str, depth: int, build: Callable[[], BM25Retriever]) -> BM25Retriever:
-        """One BM25 stage per (index folder, search depth) for stages that search it themselves
-        (the PPR graph's lexical neighbours), made by ``build()`` on first use."""
-        return self.shared(("bm25-index", index, depth), build)
 
     def sentence_encoder(self, model: str, dtype: str = "float32"):
         """A sentence-transformers model shared by every stage that names the same model and dtype."""
@@ -115,10 +111,18 @@ class PipelineContext:
                     "documents or give the pipeline a corpus whose store holds them"
                 )
 
-    def build_stage(self, options: dict[str, Any], where: str) -> BaseStage:
-        from streamrank.config import build_stage
+    def build_stage(self, options: dict[str, Any], where: str) -> Any:
+        """The stage (a ``BaseStage``) for a stage table a stage holds (fusion's retrievers)."""
+        return self._require_factory(where).build(options, self, where)
 
-        return build_stage(options, self, where)
+    def validate_stage(self, options: dict[str, Any], where: str) -> tuple[type, Any]:
+        """The class and validated config of a stage table a stage holds; nothing is built."""
+        return self._require_factory(where).validate(options, where)
+
+    def _require_factory(self, where: str) -> StageFactory:
+        if self.factory is None:
+            raise ConfigError(f"{where}: this context has no stage factory (build stages with streamrank.compose)")
+        return self.factory
 
     def close(self) -> None:
         for obj in self._cache.values():

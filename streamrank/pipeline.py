@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrank.context import PipelineContext
-from streamrank.errors import InvalidQueryError, StreamRankError
+from streamrank.errors import ConfigError, InvalidQueryError, StreamRankError
 from streamrank.stage import BaseStage
 from streamrank.store import StorageError, short_message, storage_problem
 from streamrank.types import Candidate, Document, Query, Ranking
@@ -63,9 +63,12 @@ class Pipeline:
         *,
         source: Path | None = None,
         description: str = "",
+        indexes: Sequence[BaseStage] = (),
     ) -> None:
         self.name = name
         self.stages = list(stages)
+        self.indexes = list(indexes)
+        """Stages kept current with the corpus that no query runs (the file's ``[[indexes]]``)."""
         self.context = context
         self.source = source
         self.description = description
@@ -143,10 +146,26 @@ class Pipeline:
                 bar.update(min(batch_size, len(rankings) - start))
         return out
 
+    def from_stage(self, name: str) -> Pipeline:
+        """This pipeline from its top-level stage ``name`` on (same context and indexes): what reranks a
+        supplied candidate list (a reranking-form dataset's BM25 top-100) without the stages before it."""
+        names = [stage.name for stage in self.stages]
+        if name not in names:
+            raise ConfigError(f"pipeline {self.name!r} has no top-level stage {name!r} (stages: {', '.join(names)})")
+        start = names.index(name)
+        return Pipeline(
+            f"{self.name}-from-{name}" if start else self.name,
+            self.stages[start:],
+            self.context,
+            source=self.source,
+            description=self.description,
+            indexes=self.indexes,
+        )
+
     # ---- indexing -------------------------------------------------------------------------
     def iter_stages(self) -> Iterator[BaseStage]:
-        """Every stage once, nested ones included (fusion's retrievers), each after its dependencies
-        (the dense index a PPR graph is built from, even when the pipeline has no dense stage)."""
+        """Every stage once, the ``indexes`` and nested ones included (fusion's retrievers), each after its
+        dependencies (the dense index a PPR graph is built from)."""
         seen: set[int] = set()
 
         def walk(stages: Iterable[BaseStage]) -> Iterator[BaseStage]:
@@ -158,7 +177,7 @@ class Pipeline:
                 yield stage
                 yield from walk(stage.children)
 
-        return walk(self.stages)
+        return walk([*self.indexes, *self.stages])
 
     def index(self, documents: Iterable[Document] | None = None, *, rebuild: bool = False) -> None:
         """Load the corpus into the store (once) and build every stage's index.

@@ -1,6 +1,6 @@
 """Small stages for end-to-end tests of control flow (training, tuning) on the tiny dataset fixture.
 
-Register one with ``monkeypatch.setitem(registry.STAGE_KINDS, "overlap", "fake_stages:Overlap")``.
+Register one with ``monkeypatch.setitem(compose.STAGE_KINDS, "overlap", "fake_stages:Overlap")``.
 """
 
 from __future__ import annotations
@@ -24,3 +24,10 @@ class Overlap(BaseStage):
             pool = [Candidate(d.id, 0.0) for d in docs]
             out.append(r.rescored(self.name, scores, candidates=pool, keep=self.config.k))
         return out
+
+
+class Reverse(BaseStage):
+    """Test reranker: the incoming candidates in reverse order, the best ``k`` kept."""
+
+    def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
+        return [r.rescored(self.name, [float(i) for i in range(len(r.candidates))], keep=self.config.k) for r in rankings]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from streamrank.compose import import_target
 from streamrank.errors import StreamRankError
-from streamrank.registry import import_target
 
 BENCHMARKS: dict[str, str] = {
     "kernels": "streamrank.eval.bench.kernels:run_kernels_benchmark",

@@ -257,7 +257,7 @@ def personalisation_eval(
     The history is one relevant document (the first by id); it is removed from both rankings and
     from the query's judgments, so only the remaining relevant documents count.
     """
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.datasets import load_dataset
     from streamrank.eval.metrics import evaluate_run
     from streamrank.types import Query, Ranking

@@ -109,7 +109,7 @@ class BenchInputs:
     """The LLM every stage's ``llm.model`` names (loaded once, shared through ``context``)."""
 
     def stage(self, kind: str, **options: Any) -> Any:
-        from streamrank.config import build_stage
+        from streamrank.compose import build_stage
 
         if "llm" in options:
             options["llm"] = {"model": self.model, **options["llm"]}

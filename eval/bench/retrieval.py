@@ -35,7 +35,7 @@ def run_retrieval_benchmark(
     k: int = 10,
 ) -> dict[str, Any]:
     """Per pipeline: documents, index seconds, single and batched queries/s at depth ``k``, single at ``DEEP``."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.datasets import load_dataset
 
     data = load_dataset(dataset)

@@ -1,6 +1,6 @@
 """`streamrank bench service`: throughput and latency of the real server, with and without micro-batching.
 
-For each pipeline (BM25, dense, hybrid, e2rank over SciFact) and each batching mode, a fresh server is
+For each pipeline (BM25, dense, hybrid, PPR over SciFact) and each batching mode, a fresh server is
 started with ``streamrank serve`` on 127.0.0.1 (a free port), then 1, 8 and 32 concurrent
 clients (httpx, asyncio, closed loop: each sends its next query when the last one is answered)
 send SciFact test queries to ``/search``. Reported per cell: throughput, p50/p95/p99 latency,
@@ -27,7 +27,7 @@ from streamrank.config import CONFIG_DIR
 from streamrank.errors import StreamRankError
 from streamrank.eval.bench.service_load import ServiceProcess, batch_counts, drive
 
-PIPELINES = ("bm25", "dense", "hybrid", "e2rank")
+PIPELINES = ("bm25", "dense", "hybrid", "ppr")
 """dense isolates the model stage (query encoding) that batching is meant to speed up."""
 CLIENTS = (1, 8, 32)
 SECONDS_PER_LEVEL = 12.0
@@ -62,7 +62,7 @@ def quick_corpus(folder: Path) -> Path:
 
 def quick_index(work: Path) -> str:
     """Index the first QUICK_DOCS SciFact documents with BM25 under ``work``; the settings lines that use them."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     corpus = quick_corpus(work / "scifact-small")
     pipeline = load_pipeline(CONFIG_DIR / "bm25.toml", corpus=str(corpus), index_dir=work / "index")

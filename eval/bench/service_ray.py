@@ -79,7 +79,7 @@ def throughput(pipelines: tuple[str, ...], work: Path, extra: str, quick: bool) 
 
 def shard_pipelines(work: Path, kind: str, source_index: Path) -> tuple[list[str], Path]:
     """One-index and 4-shard pipeline files of ``kind`` over a private copy of ``source_index``."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     index = work / "scatter-index"
     index.mkdir(parents=True)

@@ -41,7 +41,7 @@ def train_ranker(
     graded labels from the qrels, trains lambdarank and writes the model where the stage will look
     for it (or to ``output``). Refuses a split named ``test``.
     """
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.datasets import load_dataset, refuse_test_split
     from streamrank.pipeline import Pipeline
 

@@ -115,7 +115,7 @@ def teacher_ranks(
     teacher: str | Path, dataset: str, queries: Sequence[Query], batch: int
 ) -> dict[str, dict[str, int]]:
     """Query id -> {doc id: rank in the teacher pipeline's ranking (0 best)}."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     pipe = load_pipeline(teacher, corpus=str(dataset))
     try:
@@ -216,7 +216,7 @@ def train_reranker(
     options: RerankerTraining | None = None,
 ) -> Path:
     """Train the pipeline's one-pass reranker on ``dataset``/``split`` (module docstring); returns the folder."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.datasets import load_dataset, refuse_test_split
 
     refuse_test_split(

@@ -103,7 +103,8 @@ def tune_stage(
     output: Path | None = None,
 ) -> dict[str, Any]:
     """Score every grid point of ``stage`` (default: the last) on ``dataset``/``split``; see the module doc."""
-    from streamrank.config import build_stage, load_pipeline, read_config, validate_stage
+    from streamrank.compose import build_in, load_pipeline, validate_stage
+    from streamrank.config import read_config
     from streamrank.datasets import load_dataset, refuse_test_split
     from streamrank.eval.metrics import per_query_metrics
     from streamrank.eval.runner import rank_run
@@ -151,7 +152,7 @@ def tune_stage(
         rows: list[dict[str, Any]] = []
         per_point: list[np.ndarray] = []
         for point in points:
-            built = build_stage({**options, **point}, pipe.context, where(point))
+            built = build_in(pipe, {**options, **point}, where(point))
             try:
                 values = score(pools, [built, *suffix], f"{target} {point}")
             finally:

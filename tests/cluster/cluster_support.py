@@ -32,7 +32,7 @@ def write_pipelines(folder: Path) -> SimpleNamespace:
 
 
 def local_pipeline(path: Path, index_dir: Path, minilm: Any) -> Any:
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.models import MINILM
 
     pipeline = load_pipeline(path, index_dir=index_dir)

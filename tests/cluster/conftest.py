@@ -54,7 +54,7 @@ def minilm() -> Any:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory, docs: list[Any], minilm: Any) -> SimpleNamespace:
     """An index folder with the store, a flat dense index and its 4-shard split (vectors shared)."""
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
     from streamrank.models import MINILM
 
     root = tmp_path_factory.mktemp("ray-corpus")

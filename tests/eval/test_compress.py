@@ -116,7 +116,7 @@ def test_healed_encoder_is_closer_to_the_dense_one_and_loads_without_decompositi
 
 
 def test_dense_stage_loads_stored_factors(tiny_encoder: Path, texts_file: Path, tmp_path: Path) -> None:
-    from streamrank.config import build_stage
+    from streamrank.compose import build_stage
     from streamrank.context import PipelineContext
 
     compress_model_folder(

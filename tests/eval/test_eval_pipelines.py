@@ -24,7 +24,6 @@ def shared(datasets_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_bm25_cisi_retrieval_reuses_its_index(shared: Path, tmp_path: Path) -> None:
-    pytest.importorskip("streamrank.index.bm25")
     first = run_eval("cisi", "bm25", tmp_path / "a", batch_size=16)
     assert first["queries"] == 76 and 0.25 < first["metrics"]["nDCG@10"] < 0.6
     assert (tmp_path / "home" / "indexes" / "cisi").is_dir()
@@ -37,7 +36,6 @@ def test_bm25_cisi_retrieval_reuses_its_index(shared: Path, tmp_path: Path) -> N
 
 
 def test_dense_reranks_dl19_given_candidates(shared: Path, tmp_path: Path) -> None:
-    pytest.importorskip("streamrank.index.dense")
     result = run_eval("dl19-passage", "dense", tmp_path / "dl19", limit=8, batch_size=4)
     assert result["queries"] == 8 and result["metrics"]["nDCG@10"] > 0.3
     assert not (tmp_path / "home" / "indexes").exists(), "reranking given passages needs no index"
@@ -46,7 +44,6 @@ def test_dense_reranks_dl19_given_candidates(shared: Path, tmp_path: Path) -> No
 
 
 def test_retrieval_benchmark_quick(shared: Path, tmp_path: Path) -> None:
-    pytest.importorskip("streamrank.index.bm25")
     from streamrank.eval.bench.retrieval import run_retrieval_benchmark
 
     figures = run_retrieval_benchmark(tmp_path, quick=True, pipelines=("bm25", "bm25-stored"))

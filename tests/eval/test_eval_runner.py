@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from streamrank import cli, registry
+from streamrank import cli
+from streamrank import compose as registry
 from streamrank.errors import StreamRankError
 from streamrank.eval.runner import check_reproducibility, load_table, run_eval
 from streamrank.stage import BaseStage

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import streamrank
-from streamrank import registry
+from streamrank import compose as registry
 from streamrank.cli import main
 from streamrank.datasets import load_dataset
 from streamrank.errors import ConfigError, RankerError, StreamRankError

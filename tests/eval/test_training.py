@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import streamrank
-from streamrank import registry
+from streamrank import compose as registry
 from streamrank.cli import main
 from streamrank.errors import ConfigError, StreamRankError
 from streamrank.eval.training import (
@@ -163,7 +163,7 @@ def test_tune_a_real_ppr_stage_over_bm25(tmp_path: Path, tiny_dataset: Path) -> 
     config = tmp_path / "ppr.toml"
     config.write_text(
         f'name = "tiny-ppr"\ncorpus = "{tiny_dataset}"\nindex_dir = "{tmp_path / "idx"}"\n'
-        '[[stages]]\nkind = "bm25"\nk = 20\n'
+        '[[indexes]]\nkind = "dense"\n[[stages]]\nkind = "bm25"\nk = 20\n'
         '[[stages]]\nkind = "ppr"\nneighbors = 3\nseeds = 3\nexpand = 5\nk = 20\n'
     )
     result = tune_stage(str(tiny_dataset), config, {"weight": [0.0, 1.0], "alpha": [0.15, 0.5]}, folds=3)

@@ -9,7 +9,6 @@ import numpy as np
 
 from streamrank.context import PipelineContext
 from streamrank.index.ppr import PPRStage
-from streamrank.models import MINILM
 from streamrank.types import Document
 
 TOPICS = {
@@ -28,11 +27,17 @@ def embed(text: str, dim: int = 64) -> np.ndarray:
 
 
 class FakeDense:
-    """Stands in for the dense stage: the PPR stage only needs ``folder``, ``settings``, ``embeddings_for``."""
+    """Stands in for the dense stage: the PPR stage needs ``folder``, ``settings`` and the VectorSource
+    protocol (``name``, ``vector_settings``, ``embeddings_for``)."""
+
+    name = "dense"
 
     def __init__(self, context: PipelineContext) -> None:
         self.context = context
         self.folder = Path(context.index_dir) / "dense"
+
+    def vector_settings(self) -> dict[str, str]:
+        return {"model": "fake-bag-of-words"}
 
     def settings(self) -> dict[str, str]:
         return {"kind": "dense", "model": "fake-bag-of-words"}
@@ -52,10 +57,16 @@ def corpus(per_topic: int = 8) -> list[Document]:
     return docs
 
 
+def ppr_stage(context: PipelineContext, **options) -> PPRStage:
+    """A ppr stage over ``context`` with the bag-of-words dense stage bound as its ``vectors_from``."""
+    stage = PPRStage.from_dict({"kind": "ppr", **options}, context)
+    stage.bind("vectors_from", FakeDense(context))
+    return stage  # type: ignore[return-value]
+
+
 def make_stage(tmp_path: Path, **options) -> PPRStage:
     context = PipelineContext(tmp_path / "idx", corpus="toy")
-    context.register_dense(MINILM, FakeDense(context))
-    stage = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, **options}, context)
+    stage = ppr_stage(context, neighbors=3, **options)
     context.store.upsert(corpus())
     stage.build(context.store)
     return stage  # type: ignore[return-value]

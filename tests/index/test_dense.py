@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from index_support import PROBES, EncodeCounter, context_for, dense, search, write_pipeline
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.context import PipelineContext
 from streamrank.errors import ConfigError, IndexMissingError
 from streamrank.models import MINILM

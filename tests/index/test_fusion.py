@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from index_support import HYBRID, search, write_pipeline
 
-from streamrank import registry
-from streamrank.config import load_pipeline
+from streamrank import compose as registry
+from streamrank.compose import build_stage, load_pipeline
 from streamrank.context import PipelineContext
 from streamrank.errors import ConfigError
 from streamrank.index.base import IndexedRetriever
@@ -48,7 +48,7 @@ def fixed_kind(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def fusion(options: dict[str, Any]) -> FusionStage:
-    return FusionStage.from_dict({"kind": "fusion", **options}, PipelineContext(None))  # type: ignore[return-value]
+    return build_stage({"kind": "fusion", **options}, PipelineContext(None), "test")  # type: ignore[return-value]
 
 
 A = [("a", 9.0), ("b", 5.0), ("c", 1.0)]
@@ -203,7 +203,7 @@ def test_serving_a_top_k_searches_serve_depth_deep(recorder_kind: None) -> None:
     assert served.doc_ids()[:3] == full.doc_ids()[:3]
     fusion({**options, "serve_depth": 5}).run_top(query, 8)
     assert DepthRecorder.asked[4:] == [8, 8]  # a request deeper than serve_depth gets its k
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="serve_depth"):
         fusion({**options, "serve_depth": 0})
 
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ppr_support import FakeDense, corpus, make_stage
+from ppr_support import corpus, make_stage, ppr_stage
 
 from streamrank.context import PipelineContext
 from streamrank.errors import ConfigError, IndexMismatchError, IndexMissingError
 from streamrank.index import manifest as mf
 from streamrank.index.graph import read_edge_list
 from streamrank.index.ppr import PPRStage
-from streamrank.models import MINILM
 from streamrank.types import Candidate, Document, Query, Ranking
 
 
@@ -77,7 +76,7 @@ def test_added_document_appears_in_the_graph_and_delete_removes_it(tmp_path: Pat
         F = stage._solved.fingerprints
         assert F.shape == (len(graph), len(graph)) and F[row, row] >= 0.15 - 1e-6
 
-    reopened = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, "solver": solver}, stage.context)
+    reopened = ppr_stage(stage.context, neighbors=3, solver=solver)
     assert "a-new" in reopened.indexed_ids()  # persisted
     pool = [Candidate(doc_id=n, score=1.0, rank=i + 1) for i, n in enumerate(sorted(neighbours))]
     (out,) = reopened.run([Ranking(query=Query(id="q", text="x"), candidates=pool)])
@@ -102,8 +101,7 @@ def test_user_edges_join_the_graph(tmp_path: Path) -> None:
 
 def test_missing_graph_is_a_clear_error(tmp_path: Path) -> None:
     context = PipelineContext(tmp_path / "idx", corpus="toy")
-    context.register_dense(MINILM, FakeDense(context))
-    stage = PPRStage.from_dict({"kind": "ppr"}, context)
+    stage = ppr_stage(context)
     with pytest.raises(IndexMissingError, match="streamrank index"):
         stage.run([Ranking(query=Query(id="q", text="x"), candidates=[Candidate(doc_id="a0", score=1.0)])])
 
@@ -113,11 +111,8 @@ def test_adding_a_document_rewalks_only_the_fingerprints_it_affects(tmp_path: Pa
     vocab = [f"w{i}" for i in range(300)]
     docs = [Document(id=f"d{i}", text=" ".join(rng.choice(vocab, 6))) for i in range(400)]
     context = PipelineContext(tmp_path / "idx", corpus="toy")
-    context.register_dense(MINILM, FakeDense(context))
     context.store.upsert(docs)
-    stage = PPRStage.from_dict(
-        {"kind": "ppr", "neighbors": 3, "solver": "montecarlo", "walks": 8, "alpha": 0.5}, context
-    )
+    stage = ppr_stage(context, neighbors=3, solver="montecarlo", walks=8, alpha=0.5)
     stage.build(context.store)
     stage.run([Ranking(query=Query(id="q", text="x"), candidates=[Candidate(doc_id="d0", score=1.0)])])
     before = stage._solved.fingerprints.copy()
@@ -138,10 +133,11 @@ def lexical_stage(tmp_path: Path) -> PPRStage:
     from streamrank.index.bm25 import BM25Retriever
 
     context = PipelineContext(tmp_path / "idx", corpus="toy")
-    context.register_dense(MINILM, FakeDense(context))
     context.store.upsert(corpus())
-    BM25Retriever.from_dict({"kind": "bm25"}, context).build(context.store)
-    stage = PPRStage.from_dict({"kind": "ppr", "neighbors": 3, "lexical_neighbors": 2}, context)
+    bm25 = BM25Retriever.from_dict({"kind": "bm25"}, context)
+    bm25.build(context.store)
+    stage = ppr_stage(context, neighbors=3, lexical_neighbors=2)
+    stage.bind("lexical_from", bm25)
     stage.build(context.store)
     yield stage  # type: ignore[misc]
     context.close()
@@ -181,9 +177,8 @@ def test_lexical_neighbours_are_the_bm25_top_hits(lexical_stage: PPRStage) -> No
     assert (stage._solve_state(graph).P != P_without).nnz > 0
     # another setting is another index
     for lexical in (3, 0):
-        other = PPRStage.from_dict(
-            {"kind": "ppr", "neighbors": 3, "lexical_neighbors": lexical}, stage.context
-        )
+        other = ppr_stage(stage.context, neighbors=3, lexical_neighbors=lexical)
+        other.bind("lexical_from", stage.bm25())
         with pytest.raises(IndexMismatchError, match="lexical"):
             other.indexed_ids()
 
@@ -207,28 +202,34 @@ def test_added_document_gets_lexical_edges_and_delete_drops_them(lexical_stage: 
 
 def test_lexical_neighbours_need_a_bm25_index(tmp_path: Path) -> None:
     context = PipelineContext(tmp_path / "idx", corpus="toy")
-    context.register_dense(MINILM, FakeDense(context))
+    from streamrank.index.bm25 import BM25Retriever
+
     context.store.upsert(corpus())
-    stage = PPRStage.from_dict({"kind": "ppr", "lexical_neighbors": 16}, context)
-    with pytest.raises(ConfigError, match="BM25 index 'bm25'"):
+    stage = ppr_stage(context, lexical_neighbors=16)
+    stage.bind("lexical_from", BM25Retriever.from_dict({"kind": "bm25"}, context))
+    with pytest.raises(ConfigError, match="BM25 index 'bm25'.*streamrank index"):
         stage.build(context.store)
 
 
-def test_pipeline_without_a_dense_stage_builds_and_updates_the_one_ppr_needs(
+def test_pipeline_retrieving_with_bm25_keeps_the_declared_dense_index_ppr_reads(
     tmp_path: Path, tiny_dataset: Path
 ) -> None:
-    """Real BM25 + MiniLM: `index` builds the dense index the graph links; an added document reaches both."""
+    """Real BM25 + MiniLM: `index` builds the dense index the graph links (declared under [[indexes]], never
+    run on a query); an added document reaches both. Without the declaration the file is refused."""
     import streamrank
 
     config = tmp_path / "p.toml"
-    config.write_text(
-        f'name = "bm25-ppr"\ncorpus = "{tiny_dataset}"\nindex_dir = "{tmp_path / "idx"}"\n'
-        '[[stages]]\nkind = "bm25"\nk = 10\n[[stages]]\nkind = "ppr"\nneighbors = 3\nk = 10\n'
-    )
+    head = f'name = "bm25-ppr"\ncorpus = "{tiny_dataset}"\nindex_dir = "{tmp_path / "idx"}"\n'
+    stages = '[[stages]]\nkind = "bm25"\nk = 10\n[[stages]]\nkind = "ppr"\nneighbors = 3\nk = 10\n'
+    config.write_text(head + stages)
+    with pytest.raises(ConfigError, match="'ppr': vectors_from = 'dense' names no other stage.*bm25"):
+        streamrank.load_pipeline(config)
+    config.write_text(head + '[[indexes]]\nkind = "dense"\n' + stages)
     pipeline = streamrank.load_pipeline(config)
     try:
         names = [s.name for s in pipeline.iter_stages()]
-        assert names == ["bm25", "dense", "ppr"]  # the dense index before the graph built from it
+        assert names == ["dense", "bm25", "ppr"]  # the dense index before the graph built from it
+        assert [s.name for s in pipeline.stages] == ["bm25", "ppr"]
         pipeline.index()
         assert mf.read_manifest(tmp_path / "idx" / "dense")["doc_count"] == 80
         pipeline.add_documents([Document(id="new", text="topic3 key answer again")])

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from index_support import HYBRID, N_DOCS, NEW_DOC, PROBES, EncodeCounter, write_pipeline
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.errors import ConfigError
 from streamrank.index.sharded import merge_top_k, shard_of, split_by_shard
 from streamrank.index.sharded_stage import ShardedRetriever

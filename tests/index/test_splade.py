@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from index_support import NEW_DOC, PROBES
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.errors import ModelNotFoundError
 from streamrank.index.splade import SpladeRetriever, dot
 from streamrank.models import resolve_model

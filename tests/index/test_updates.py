@@ -19,7 +19,7 @@ from index_support import (
     write_pipeline,
 )
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.index import manifest as mf
 from streamrank.index.bm25 import BM25Retriever
 from streamrank.index.dense import DenseRetriever

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-from streamrank.config import build_stage  # noqa: E402
+from streamrank.compose import build_stage  # noqa: E402
 from streamrank.context import PipelineContext  # noqa: E402
 from streamrank.kernels import ops  # noqa: E402
 from streamrank.kernels.decoder import RankSpaceCache  # noqa: E402

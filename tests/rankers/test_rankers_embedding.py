@@ -10,6 +10,7 @@ import torch
 
 from streamrank.config import read_config
 from streamrank.context import PipelineContext
+from streamrank.errors import ConfigError
 from streamrank.models import MINILM, sentence_model_path
 from streamrank.pipeline import Pipeline
 from streamrank.rankers.cross_encoder import CrossEncoderReranker
@@ -165,9 +166,16 @@ def test_fair_shares() -> None:
 class FakeDense:
     """Stands in for index.dense.DenseRetriever: serves "stored" vectors of corpus ids d0, d1, ..."""
 
-    def __init__(self, encoder) -> None:
+    name = "dense"
+
+    def __init__(self, encoder, **settings) -> None:
         self.encoder = encoder
         self.calls: list[list[str]] = []
+        self.settings = {"model": MINILM, "dtype": "float32", "document_prefix": "", "use_model_prompts": True,
+                         "lowrank": None, **settings}
+
+    def vector_settings(self) -> dict:
+        return self.settings
 
     def embeddings_for(self, doc_ids: list[str]) -> np.ndarray:
         self.calls.append(list(doc_ids))
@@ -184,11 +192,13 @@ def test_e2rank_uses_stored_embeddings_for_corpus_documents(tmp_path: Path, cont
 
     ctx = PipelineContext(tmp_path, device="cpu")
     ctx.shared(("sentence-encoder", MINILM), lambda: encoder)
-    dense = ctx.register_dense(MINILM, FakeDense(encoder))
+    dense = FakeDense(encoder)
     supplied = Document(id="d1", text="Vitamin D prevents fractures.")  # same id as a corpus doc, other text
     pool = [Candidate(doc_id=d.id, score=0.0) for d in corpus]
     pool[1] = Candidate(doc_id="d1", score=0.0, document=supplied)
-    (ranking,) = e2rank(ctx, prompt_docs=5).run([Ranking(query=Query(id="q", text=QUERY), candidates=pool)])
+    stage = e2rank(ctx, prompt_docs=5, vectors_from="dense")
+    stage.bind("vectors_from", dense)
+    (ranking,) = stage.run([Ranking(query=Query(id="q", text=QUERY), candidates=pool)])
 
     (ids,) = dense.calls
     assert sorted(ids) == sorted(d.id for d in corpus if d.id != "d1")
@@ -203,20 +213,33 @@ def test_e2rank_without_corpus_ignores_dense_stage(context: PipelineContext) -> 
     encoder = context.sentence_encoder(MINILM)
     ctx = PipelineContext(None, device="cpu")
     ctx.shared(("sentence-encoder", MINILM), lambda: encoder)
-    dense = ctx.register_dense(MINILM, FakeDense(encoder))
-    ranking = Pipeline("t", [e2rank(ctx, prompt_docs=5)], ctx).rerank(QUERY, DOCS)
+    dense = FakeDense(encoder)
+    stage = e2rank(ctx, prompt_docs=5, vectors_from="dense")
+    stage.bind("vectors_from", dense)
+    ranking = Pipeline("t", [stage], ctx).rerank(QUERY, DOCS)
     assert dense.calls == []
     expected = reference_scores(ctx, hand_prompt(DOCS[:5]), DOCS, DEFAULT_WEIGHT)
     assert ranking.doc_ids() == [str(i) for i in np.argsort(-expected, kind="stable")]
 
 
+@pytest.mark.parametrize(
+    ("settings", "differs"),
+    [({"model": "google/embeddinggemma-300m"}, "model"), ({"dtype": "bfloat16"}, "dtype"),
+     ({"use_model_prompts": False}, "use_model_prompts"), ({"lowrank": {"ratio": 0.5}}, "lowrank")],
+)
+def test_e2rank_refuses_a_dense_stage_whose_vectors_differ(context: PipelineContext, settings, differs) -> None:
+    stage = e2rank(PipelineContext(None), vectors_from="dense")
+    with pytest.raises(ConfigError, match=rf"'e2rank'.*'dense'.*{differs}: 'e2rank' needs"):
+        stage.bind("vectors_from", FakeDense(None, **settings))
+
+
 def test_e2rank_config_file() -> None:
-    config, _ = read_config(REPO / "configs" / "e2rank.toml")
+    config, _ = read_config(REPO / "experiments" / "e2rank.toml")
     assert config.corpus == "scifact"
     first, rerank = config.stages
     assert first["kind"] == "fusion" and first["k"] == 100
     parsed = EmbeddingListwiseConfig.model_validate(rerank)
-    assert parsed.depth == 100 and parsed.prompt_docs == 20 and parsed.query_weight == 0.8
+    assert parsed.vectors_from == "dense" and parsed.depth == 100 and parsed.prompt_docs == 20 and parsed.query_weight == 0.8
 
 
 @pytest.fixture(scope="session")

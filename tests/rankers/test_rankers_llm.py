@@ -4,27 +4,26 @@ groupwise, query likelihood. The model is loaded once per session; prompts are k
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from streamrank.compose import stage_class
+from streamrank.config import read_config
 from streamrank.context import PipelineContext
 from streamrank.errors import RankerError
-from streamrank.registry import stage_class
 from streamrank.types import Candidate, Document, Query, Ranking
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from streamrank.config import build_stage  # noqa: E402
+from streamrank.compose import build_stage  # noqa: E402
 from streamrank.rankers.causal_lm import CausalLM  # noqa: E402
 from streamrank.rankers.causal_lm_loading import (  # noqa: E402
     LLMSettings,
     load_causal_lm,
-    lowrank_module,
     resolve_device,
 )
 from streamrank.rankers.generative import parse_permutation  # noqa: E402
@@ -344,9 +343,9 @@ def test_query_likelihood_ranks_relevant_first_and_batches_exactly(llm: CausalLM
 # ---- configs and low-rank ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["first", "generative", "groupwise", "qlm"])
 def test_config_files_validate(name: str) -> None:
-    raw = tomllib.loads((REPO / "configs" / f"{name}.toml").read_text())
-    assert raw["corpus"] == "scifact" and raw["stages"][0]["kind"] == "fusion"
-    table = raw["stages"][-1]
+    raw, _ = read_config(REPO / "experiments" / f"{name}.toml")
+    assert raw.corpus == "scifact" and raw.stages[0]["kind"] == "fusion"
+    table = raw.stages[-1]
     config = stage_class(table["kind"]).Config.model_validate(table)
     assert config.depth == 20 and config.llm.model == "smollm2"
 
@@ -364,8 +363,6 @@ def test_lowrank_reranker_end_to_end(llm: CausalLM, tmp_path: Path) -> None:
     A tiny random Llama with SmolLM2's tokenizer stands in for SmolLM2 (SVD-compressing all 30
     SmolLM2 layers takes about a minute on a loaded 2-core CPU); the wiring is the same.
     """
-    if lowrank_module() is None:
-        pytest.skip("streamrank.kernels.lowrank.apply_lowrank has not landed yet (kernels engineer)")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

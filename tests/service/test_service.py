@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_client import make_settings, metric, running
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.errors import ConfigError
 from streamrank.serialize import ranking_to_dict
 from streamrank.service.app import create_app

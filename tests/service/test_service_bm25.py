@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -16,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_support import REPO
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.eval.bench.service_load import ServiceProcess
 from streamrank.serialize import ranking_to_dict
 from streamrank.service.app import create_app
@@ -24,10 +23,7 @@ from streamrank.service.settings import load_settings
 from streamrank.store import DocumentStore
 from streamrank.types import Document
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("streamrank.index.bm25") is None, reason="index/bm25.py not there yet"),
-]
+pytestmark = pytest.mark.slow
 
 BM25 = REPO / "configs" / "bm25.toml"
 QUERY = "vitamin D deficiency"

@@ -15,7 +15,6 @@ Each test prints its figures in the `streamrank` section at the end of the run (
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import random
 import shutil
@@ -30,15 +29,12 @@ import httpx
 import pytest
 from test_service_support import REPO, write_topic_corpus
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.eval.bench.service_load import ServiceProcess
 from streamrank.store import DocumentStore
 from streamrank.types import Document
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("pyserini") is None, reason="pyserini is not installed"),
-]
+pytestmark = pytest.mark.slow
 
 BM25 = REPO / "configs" / "bm25.toml"
 SEED = 14

@@ -4,7 +4,6 @@ SQLite store) on a 40-document corpus, so generated ids, texts and queries reach
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,10 @@ import pytest
 from test_service_fuzz import API_KEY, LIMITS, check, fuzz, started
 from test_service_support import REPO, write_topic_corpus
 
-from streamrank.config import load_pipeline
+from streamrank.compose import load_pipeline
 from streamrank.service.settings import load_settings
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("pyserini") is None, reason="pyserini is not installed"),
-]
+pytestmark = pytest.mark.slow
 
 BM25 = REPO / "configs" / "bm25.toml"
 MAX_EXAMPLES = 50

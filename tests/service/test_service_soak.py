@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from pathlib import Path
 
@@ -49,7 +48,6 @@ def test_soak_against_a_fake_server(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("streamrank.index.bm25") is None, reason="index/bm25.py not there yet")
 def test_quick_soak_benchmark_writes_its_report(datasets_root: Path, tmp_path: Path) -> None:
     from streamrank.eval.bench import run_benchmark
 

@@ -168,7 +168,7 @@ def write_topic_corpus(folder: Path, size: int) -> Path:
 
 def register(monkeypatch=None) -> None:
     """Make the fake kinds known (with pytest's monkeypatch when given, else for the process)."""
-    from streamrank import registry
+    from streamrank import compose as registry
 
     for kind, target in FAKE_KINDS.items():
         if monkeypatch is not None:
@@ -178,7 +178,7 @@ def register(monkeypatch=None) -> None:
 
 
 def build_index(config: Path, index_dir: Path, documents: Sequence[Document] = CORPUS) -> None:
-    from streamrank.config import load_pipeline
+    from streamrank.compose import load_pipeline
 
     pipeline = load_pipeline(config, index_dir=index_dir)
     try:
