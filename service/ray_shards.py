@@ -37,6 +37,7 @@ class ShardServer:
     def __init__(
         self, index_dir: str, corpus: str | None, device: str | None, shard: int, shards: int, torch_threads: int | None
     ) -> None:
+        from streamrank.compose import FACTORY
         from streamrank.context import PipelineContext
 
         if torch_threads is not None:
@@ -44,7 +45,7 @@ class ShardServer:
 
             torch.set_num_threads(torch_threads)
         self.shard, self.shards = shard, shards
-        self.context = PipelineContext(Path(index_dir), corpus=corpus, device=device)
+        self.context = PipelineContext(Path(index_dir), corpus=corpus, device=device, factory=FACTORY)
         self.workers: dict[str, ShardWorker] = {}
         self.repaired: dict[str, int] = {}
         self._lock = threading.Lock()
