@@ -18,7 +18,7 @@ from streamrank.rankers.base import Reranker
 from streamrank.rankers.causal_lm import CausalLM
 from streamrank.rankers.causal_lm_loading import LLMSettings, shared_llm
 from streamrank.rankers.kv import PrefixCache
-from streamrank.rankers.prompts import DEFAULT_TEMPLATE, PromptBuilder, listwise_template
+from streamrank.rankers.prompts import DEFAULT_TEMPLATE, PromptBuilder, template_data
 from streamrank.stage import StageConfig
 from streamrank.types import Ranking
 
@@ -40,7 +40,7 @@ class LLMRerankerConfig(StageConfig):
     def _known_template(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                listwise_template(value)
+                template_data(value)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value
