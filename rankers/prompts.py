@@ -304,9 +304,10 @@ class PromptBuilder:
         t = self.template
         text = self.render(self.messages(query, contents, labels))
         ids, offsets = self.tokenize(text)
-        values = {"num": len(contents), "query": query, "example": ""}
-        anchor = t.prefix_assistant if t.turns == "multi" else t.prefix.format(**values).split("{")[0]
-        start = text.find(anchor) + len(anchor) if anchor else 0
+        # the passages are searched for in order after the multi-turn prefix's assistant reply (single turn:
+        # from the start; no identifier line can occur in the system message or the instruction)
+        anchor = t.prefix_assistant if t.turns == "multi" else ""
+        start = max(text.find(anchor), 0) + len(anchor) if anchor else 0
         before_rank = t.body.split("{rank}")[0]
         label_spans: list[tuple[int, int]] = []
         boundary = None

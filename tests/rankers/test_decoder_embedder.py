@@ -121,3 +121,29 @@ def test_last_token_pooling_ignores_left_padding() -> None:
     alone = torch.cat([embedder.embed([t], batch_size=1) for t in texts])
     assert torch.allclose(together, alone, atol=1e-5)
     assert torch.allclose(together.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_prefix_cache_reuse_on_a_sliding_window_model_equals_full_recompute() -> None:
+    """Mistral-family caches (FirstMistral, RankZephyr) count the tokens they have seen; cropping back to the
+    prefix must reset that count, or the next window's attention mask is built for the wrong length."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from streamrank.rankers.causal_lm import CausalLM
+    from streamrank.rankers.causal_lm_loading import LLMSettings
+    from streamrank.rankers.kv import PrefixCache
+    from streamrank.rankers.prompts import PromptBuilder
+
+    tokenizer = tiny_models.tokenizer()
+    torch.manual_seed(2)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192, sliding_window=4096,
+    )  # fmt: skip
+    llm = CausalLM(MistralForCausalLM(config).eval(), tokenizer, "tiny-mistral")
+    builder = PromptBuilder(llm, LLMSettings(), "first")
+    prompts = [builder.listwise(QUERY, TEXTS[s : s + 5]) for s in (10, 5, 0)]
+    prefix = PrefixCache(llm, prompts[0].prefix)
+    for prompt in prompts:
+        reused = llm.next_token_logits([list(prompt.body)], prompt.label_ids, prefix=prefix)[0]
+        full = llm.next_token_logits([list(prompt.ids)], prompt.label_ids)[0]
+        assert torch.allclose(reused, full, atol=1e-5)
