@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streamrank.datasets import Dataset, load_candidates, load_dataset, slug
 from streamrank.datasets.trec import RunList, ranked_scores, write_trec_run
-from streamrank.errors import ConfigError, StreamRankError
+from streamrank.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError, StreamRankError
 from streamrank.eval.metrics import default_measures, mean_metrics, measure_name, per_query_metrics
 from streamrank.types import Candidate, Query, Ranking
 
@@ -311,6 +311,9 @@ class ReproRow(BaseModel):
     top: int | None = None
     from_stage: str | None = None
     note: str = ""
+    skip_unavailable: bool = False
+    """Report SKIP (with the reason) instead of ERROR when the row's model or dataset cannot be had here
+    (a hub checkpoint offline, a dataset not on disk); the published-checkpoint table sets it."""
 
     @property
     def label(self) -> str:
@@ -375,10 +378,14 @@ def check_reproducibility(
             json.dumps([dict(zip(header, r, strict=True)) for r in results], indent=2) + "\n"
         )
         (Path(output) / "reproducibility.md").write_text(_table(header, results))
-    failed = [r for r in results if r[-1] != "OK"]
+    failed = [r for r in results if r[-1] not in ("OK", "SKIP")]
+    skipped = sum(r[-1] == "SKIP" for r in results)
     if limit is not None:
         print(f"(--limit {limit}: expected values are for the rows' own query counts)")
-    print(f"{len(results) - len(failed)}/{len(results)} rows reproduced")
+    print(
+        f"{len(results) - len(failed) - skipped}/{len(results)} rows reproduced"
+        + (f", {skipped} skipped (model or dataset not available here; reasons above)" if skipped else "")
+    )
     return 1 if failed else 0
 
 
@@ -400,6 +407,12 @@ def _check_row(i: int, row: ReproRow, limit: int | None, base: Path) -> list[Any
             top=row.top,
             from_stage=row.from_stage,
         )
+    except (ModelNotFoundError, DatasetNotFoundError) as exc:
+        if not row.skip_unavailable:
+            print(f"row {i} ({row.dataset}, {row.pipeline}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return [*cells, None, None, "ERROR"]
+        print(f"row {i} ({row.dataset}, {row.pipeline}) skipped: {exc}", file=sys.stderr)
+        return [*cells, None, None, "SKIP"]
     except Exception as exc:  # noqa: BLE001 - one broken row is reported as ERROR; the table goes on
         print(f"row {i} ({row.dataset}, {row.pipeline}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return [*cells, None, None, "ERROR"]

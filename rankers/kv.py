@@ -59,6 +59,14 @@ def kv_bytes(cache: Any) -> int:
 def crop_to(cache: Any, length: int) -> None:
     """Drop every cached position from ``length`` on, freeing the storage (copies the kept part)."""
     for layer in cache.layers:
+        cumulative = getattr(layer, "cumulative_length", None)  # sliding-window layers (Mistral) count tokens seen
+        if cumulative is not None and getattr(layer, "keys", None) is not None:
+            if cumulative > layer.keys.shape[-2] and length > 0:
+                raise RankerError(
+                    "the sliding-window KV cache already dropped the start of the prompt (prompt longer than "
+                    "the model's sliding window); lower context_size or the window"
+                )
+            layer.cumulative_length = min(cumulative, length)
         if getattr(layer, "keys", None) is None or not layer.keys.numel() or layer.keys.shape[-2] <= length:
             continue
         if getattr(layer, "positions", None) is not None:  # rank-space layer: [B, S, r] and positions

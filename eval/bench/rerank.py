@@ -113,6 +113,9 @@ class BenchInputs:
 
         if "llm" in options:
             options["llm"] = {"model": self.model, **options["llm"]}
+        # one prompt for every stage compared here, cut by max_passage_tokens (the published templates
+        # differ per method and cut by words)
+        options.setdefault("template", "streamrank")
         return build_stage({"kind": kind, **options}, self.context, f"bench {kind}")
 
     def run(self, stage: Any, size: int) -> tuple[Ranking, float]:

@@ -27,7 +27,10 @@ def test_configs_hold_the_supported_pipelines_and_experiments_the_rest() -> None
         assert read_config(path)[0].use_for, path
 
 
-@pytest.mark.parametrize("path", SHIPPED + EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+PUBLISHED = sorted((CONFIG_DIR / "published").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED + PUBLISHED + EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_pipeline_file_loads_with_its_references_bound(path: Path) -> None:
     """Each file parses, every stage table validates and every stage reference resolves (nothing is
     loaded: no corpus). Healed low-rank configs name factors their `streamrank compress` line makes first;
