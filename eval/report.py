@@ -64,7 +64,7 @@ def _headline(rows: Sequence[ReproRow], pipeline: str, dataset: str) -> list[Rep
 
 
 def _label(row: ReproRow) -> str:
-    label = row.label
+    label = row.label + (" (the authors' figure)" if "published" in Path(row.pipeline).parts else "")
     label += f" ({row.measure})" if row.measure != "nDCG@10" else ""
     return label + (f", first {row.limit} queries" if row.limit else "")
 
