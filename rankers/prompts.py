@@ -79,7 +79,10 @@ class ListwiseTemplate:
     turns: Literal["single", "multi"] = "single"
     prefix_assistant: str = ""
     body_assistant: str = ""
-    identifiers: Literal["alpha", "numeric"] = "alpha"
+    identifiers: Literal["alpha", "numeric", "single_token"] = "alpha"
+    """``alpha``: A, B, C, ... (rank_llm's ``use_alpha``; each checked to be one token inside the prompt);
+    ``numeric``: 1, 2, 3, ...; ``single_token``: alphabetical names filtered to those that are single tokens
+    on their own and between brackets (A..Z, then AA, AB, ...; this project's template)."""
     answer_opener: str = OPENER
     passages: Literal["words", "tokens"] = "tokens"
     max_words: int = 300
@@ -204,6 +207,8 @@ class PromptBuilder:
         """The template's identifiers for ``n`` passages: A, B, ... or 1, 2, ..."""
         if self.template.identifiers == "numeric":
             return tuple(str(i) for i in range(1, n + 1))
+        if self.template.identifiers == "alpha":  # checked in context by build() (a SentencePiece tokenizer
+            return tuple(itertools.islice(label_candidates(), n))  # splits "[" alone into "▁" + "[")
         return self.labels(n)[0]
 
     def answer_tokens(self, labels: Sequence[str]) -> int:

@@ -171,3 +171,62 @@ def test_one_changed_word_breaks_parity(llm: CausalLM) -> None:
     expected, _ = reference.create_prompt(reference.result(QUERIES[0], passages(0)), 0, 20)
     assert PromptBuilder(llm, LLMSettings(), "first").listwise(QUERIES[0], passages(0)).text == expected + "["
     assert PromptBuilder(llm, LLMSettings(), drifted).listwise(QUERIES[0], passages(0)).text != expected + "["
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama/Mistral-style tokenizer (Metaspace with a dummy prefix, the whole text one piece, BOS added by
+    the post-processor, byte fallback) trained here on a few sentences, with Zephyr's chat template: FIRST's and
+    RankZephyr's tokenizers are of this kind (SentencePiece BPE, ``<s>`` prepended by ``encode``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    corpus = (
+        [" ".join(WORDS)] * 20 + [q for q in QUERIES] + ["Rank the passages based on their relevance"] * 5
+    )
+    alphabet = sorted(set("".join(corpus) + "".join(passages(0)) + "[]()<>|/.,:;!?'\"&-\n\u2581"))
+    special = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special + [f"<0x{b:02X}>" for b in range(256)],
+        initial_alphabet=alphabet,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out.chat_template = ZEPHYR_CHAT
+    return out
+
+
+@pytest.mark.parametrize(("ours", "theirs", "alpha"), PUBLISHED[:2])
+def test_prompts_equal_rank_llm_with_a_sentencepiece_style_tokenizer(
+    ours: str, theirs: str, alpha: bool
+) -> None:
+    """BOS added as rank_llm's ``tokenizer.encode(prompt)`` adds it; identifiers located in context."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = sentencepiece_style_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+    )  # fmt: skip
+    llm = CausalLM(LlamaForCausalLM(config).eval(), tokenizer, "sentencepiece-style")
+    reference = ListwiseOSLLM(theirs, tokenizer, use_alpha=alpha)
+    builder = PromptBuilder(llm, LLMSettings(), ours)
+    opener = builder.template.answer_opener
+    for seed, query in enumerate(QUERIES):
+        candidates = passages(seed)
+        expected, count = reference.create_prompt(reference.result(query, candidates), 0, 20)
+        prompt = builder.listwise(query, candidates, single_token=alpha)
+        assert prompt.text == expected + opener
+        ids = list(prompt.ids)
+        assert ids[0] == tokenizer.bos_token_id
+        assert ids[: len(ids) - len(opener)] == tokenizer.encode(expected) and count == len(ids) - len(opener)
+        if alpha:
+            assert [tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
