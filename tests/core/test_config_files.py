@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.toml") if p.name 
 def test_configs_hold_the_supported_pipelines_and_experiments_the_rest() -> None:
     names = {p.stem for p in SHIPPED}
     assert {"bm25", "dense", "hybrid", "dense-gemma", "hybrid-gemma", "ppr", "learned", "splade"} <= names
-    assert len(SHIPPED) <= 12 and not (CONFIG_DIR / "rerank-only").exists()
+    assert len(SHIPPED) <= 12 and not (CONFIG_DIR / "rerank-only").exists()  # --from-stage replaced it
     assert names.isdisjoint(p.stem for p in EXPERIMENTS)
     for path in SHIPPED:  # each supported pipeline says what it is for (the README's table reads it)
         assert read_config(path)[0].use_for, path
