@@ -8,7 +8,8 @@ additions and deletions; this base does everything around that once:
   staging folder that replaces the old index only when complete;
 - opening at search time: IndexMissingError / IndexMismatchError with the fix in the message, and
   a reopen whenever the manifest on disk changes (another process rebuilt or updated the index);
-- ``add``/``delete``: under the folder's lock, then the manifest's doc count and checksum updated;
+- ``add``/``delete``: under the folder's lock, then the manifest's doc count and corpus identity
+  updated (the store keeps that identity incrementally: O(documents written), no scan);
 - ``indexed_ids`` and ``close``.
 
 :class:`IndexedRetriever` (BM25, dense) adds retrieval: a subclass says how to search its index
@@ -189,6 +190,12 @@ class IndexedStage(BaseStage):
                     f"corpus lacks and lacks {len(wanted - live)} of its documents; run Pipeline.recover() "
                     f"or {mf.REBUILD_HINT}"
                 )
+            self._save_manifest(dict(self._manifest["info"]), checksum)  # type: ignore[index]
+            return
+        if mf.is_legacy_checksum(manifest) and manifest["corpus_checksum"] == mf.legacy_checksum(
+            documents if isinstance(documents, DocumentStore) else docs
+        ):  # built by an older version from this corpus: record today's identity, keep the index
+            self._ensure_open()
             self._save_manifest(dict(self._manifest["info"]), checksum)  # type: ignore[index]
             return
         mf.check_corpus(manifest, checksum, count, self.folder)

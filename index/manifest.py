@@ -155,6 +155,28 @@ def check_corpus(manifest: Mapping[str, Any], checksum: str, doc_count: int, fol
         )
 
 
+def is_legacy_checksum(manifest: Mapping[str, Any]) -> bool:
+    """Whether the manifest records a corpus checksum of the older, full-scan kind."""
+    from streamrank.store import IDENTITY_PREFIX
+
+    recorded = manifest.get("corpus_checksum")
+    return isinstance(recorded, str) and not recorded.startswith(IDENTITY_PREFIX)
+
+
+def legacy_checksum(documents: Iterable[Document]) -> str:
+    """The older full-scan checksum of ``documents`` (``DocumentStore.legacy_checksum``)."""
+    from streamrank.store import DocumentStore
+
+    if isinstance(documents, DocumentStore):
+        return documents.legacy_checksum()
+    scratch = DocumentStore(":memory:")
+    try:
+        scratch.upsert(documents)
+        return scratch.legacy_checksum()
+    finally:
+        scratch.close()
+
+
 def materialize(documents: Iterable[Document]) -> tuple[list[Document], str]:
     """The documents as a list (last version of each id, first-seen order) and their corpus checksum.
 
@@ -177,7 +199,8 @@ def store_checksum_after(
     store: DocumentStore, added: Sequence[Document] = (), deleted: Sequence[str] = ()
 ) -> str | None:
     """The store's checksum if it already reflects an add/delete (it should: the store is written
-    first), else None, meaning "unknown": the next ``build`` then compares document ids instead."""
+    first), else None, meaning "unknown": the next ``build`` then compares document ids instead.
+    O(documents written): the store keeps its identity incrementally."""
     if any(doc_id in store for doc_id in deleted):
         return None
     found = store.get_many([d.id for d in added])

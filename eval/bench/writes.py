@@ -392,18 +392,29 @@ def _encode_all(corpus: SyntheticCorpus, fresh: SyntheticCorpus, queries: list[s
 
     vectors = Vectors()
     if real:
-        from streamrank.config import load_pipeline
+        from streamrank.models import cache_home
 
-        with tempfile.TemporaryDirectory() as scratch:
-            pipeline = load_pipeline("dense", index_dir=scratch, corpus="")
-            try:
-                stage = _dense_stage(pipeline)
-                matrix = stage.encode_documents(list(corpus.documents()))
-                new = stage.encode_documents(list(fresh.documents("n")))
-                qvecs = stage.encode_queries(queries)
-            finally:
-                pipeline.close()
-        name = "all-MiniLM-L6-v2 (the real encoder)"
+        cache = cache_home() / "bench-writes" / f"minilm-{corpus.n}-{fresh.n}-{len(queries)}.npz"
+        if not cache.exists():  # encoding 10k documents takes a quarter of an hour on a loaded CPU: once
+            from streamrank.config import load_pipeline
+
+            with tempfile.TemporaryDirectory() as scratch:
+                pipeline = load_pipeline("dense", index_dir=scratch, corpus="")
+                try:
+                    stage = _dense_stage(pipeline)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(
+                        cache.with_suffix(".tmp.npz"),
+                        matrix=stage.encode_documents(list(corpus.documents())),
+                        new=stage.encode_documents(list(fresh.documents("n"))),
+                        queries=stage.encode_queries(queries),
+                    )
+                    cache.with_suffix(".tmp.npz").replace(cache)
+                finally:
+                    pipeline.close()
+        saved = np.load(cache)
+        matrix, new, qvecs = saved["matrix"], saved["new"], saved["queries"]
+        name = "all-MiniLM-L6-v2 (the real encoder; vectors cached under $STREAMRANK_HOME/bench-writes)"
     else:
         encoder = StandInEncoder(corpus.words)
         matrix = encoder.encode_tokens(corpus.tokens, corpus.offsets)
@@ -429,7 +440,7 @@ def run_writes_benchmark(
     results: dict[str, Any] = {"sizes": {}, "durability": PEER_DURABILITY}
     for size in chosen:
         corpus = SyntheticCorpus(size)
-        fresh = SyntheticCorpus(8_000, seed=SEED + 1)
+        fresh = SyntheticCorpus(6_000, seed=SEED + 1)
         queries = [" ".join(corpus.text(i).split()[:6]) for i in range(0, size, max(1, size // 50))][:50]
         real = size <= REAL_ENCODER_UP_TO and not quick
         started = time.perf_counter()
