@@ -64,14 +64,14 @@ def _vocabulary() -> list[str]:
 
 
 class SyntheticCorpus:
-    """``n`` documents of 30-80 Zipf-distributed pseudo-words (ids ``d0000000``...), deterministic."""
+    """``n`` documents of 10-30 Zipf-distributed pseudo-words (ids ``d0000000``...), deterministic."""
 
     def __init__(self, n: int, seed: int = SEED) -> None:
         import numpy as np
 
         self.words = _vocabulary()
         rng = np.random.default_rng(seed + n)
-        lengths = rng.integers(30, 80, size=n)
+        lengths = rng.integers(10, 30, size=n)
         ranks = np.arange(1, VOCAB + 1)
         weights = 1.0 / ranks**1.05
         self.tokens = rng.choice(VOCAB, size=int(lengths.sum()), p=weights / weights.sum())
@@ -429,9 +429,12 @@ def _encode_all(corpus: SyntheticCorpus, fresh: SyntheticCorpus, queries: list[s
 
 def run_writes_benchmark(
     output_dir: Path | None, quick: bool = False, pipelines: list[str] | None = None, sizes: list[int] | None = None,
-    peers: list[str] | None = None,
+    peers: list[str] | None = None, model: str = "minilm",
 ) -> dict[str, Any]:
-    """Write latency, search under writes and compaction per corpus size, pipeline and peer."""
+    """Write latency, search under writes and compaction per corpus size, pipeline and peer.
+
+    ``model``: ``minilm`` (the real encoder up to 10k documents) or ``stand-in`` (the stand-in
+    encoder at every size: writes and searches are timed with precomputed vectors either way)."""
     chosen = [int(s) for s in sizes] if sizes else list(QUICK_SIZES if quick else SIZES)
     names = pipelines or ["dense", "hybrid"]
     peer_names = list(PEERS) if peers is None else peers
@@ -440,9 +443,9 @@ def run_writes_benchmark(
     results: dict[str, Any] = {"sizes": {}, "durability": PEER_DURABILITY}
     for size in chosen:
         corpus = SyntheticCorpus(size)
-        fresh = SyntheticCorpus(6_000, seed=SEED + 1)
+        fresh = SyntheticCorpus(3_000, seed=SEED + 1)
         queries = [" ".join(corpus.text(i).split()[:6]) for i in range(0, size, max(1, size // 50))][:50]
-        real = size <= REAL_ENCODER_UP_TO and not quick
+        real = size <= REAL_ENCODER_UP_TO and not quick and model != "stand-in"
         started = time.perf_counter()
         vectors, matrix, new, encoder_name = _encode_all(corpus, fresh, queries, real)
         entry: dict[str, Any] = {"encoder": encoder_name, "encode_s": round(time.perf_counter() - started, 1)}
