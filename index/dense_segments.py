@@ -43,7 +43,8 @@ _CRC = struct.Struct("<I")
 ADD, DELETE = 1, 2
 FAULT_ENV = "STREAMRANK_FAULT_POINT"
 """Names a point where the process SIGKILLs itself (the fault suite's crash points): ``append-torn``
-(half a record written and synced), ``compaction-written`` (new generation written, not switched),
+(half a record written and synced), ``compaction-writing`` (part of the new generation written),
+``compaction-written`` (new generation written, not switched),
 ``compaction-switched`` (switched, old files not yet removed)."""
 
 
@@ -277,6 +278,7 @@ def write_generation(folder: Path, generation: str, index: Any, ids: Sequence[st
             np.save(handle, embeddings)
 
     mf.write_atomic(files["embeddings"], save)
+    fault_point("compaction-writing")
     mf.write_json_atomic(files["ids"], list(ids))
     mf.write_atomic(files["index"], lambda tmp: faiss.write_index(index, str(tmp)))
 
