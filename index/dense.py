@@ -130,6 +130,7 @@ class DenseRetriever(IndexedRetriever):
 
     Config = DenseConfig
     config: DenseConfig
+    WRITES_TAKE_LOCK = False  # searches go on while a write fsyncs; the lock is taken to apply it
     libraries = ("faiss-cpu", "faiss-gpu", "sentence-transformers", "torch", "transformers", "numpy")
 
     def __init__(self, config: DenseConfig, context: Any) -> None:
@@ -352,28 +353,38 @@ class DenseRetriever(IndexedRetriever):
         return self._append(ADD, [d.id for d in documents], new)
 
     def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
-        from streamrank.index.dense_segments import DELETE, catch_up, paths
+        from streamrank.index.dense_segments import DELETE
 
-        state = self._open_state()
-        catch_up(state, paths(self.folder, state.generation)["log"])
+        state = self._caught_up()
         present = [doc_id for doc_id in doc_ids if doc_id in state.row_of]
         return self._append(DELETE, present) if present else self._info()
+
+    def _caught_up(self) -> DenseState:
+        """The open state with the records another process appended (or wrote before it crashed) applied."""
+        from streamrank.index.dense_segments import catch_up, paths
+
+        with self.lock:
+            state = self._open_state()
+            catch_up(state, paths(self.folder, state.generation)["log"])
+            return state
 
     def _append(self, op: int, ids: list[str], vectors: np.ndarray | None = None) -> dict[str, Any]:
         """Append one record to the log (durable when this returns), apply it, maybe start compaction.
 
-        Called under the folder's lock and writer lock (``IndexedStage.add``/``delete``)."""
-        from streamrank.index.dense_segments import Record, append, catch_up, encode_record, paths
+        Called holding the folder's writer lock (``IndexedStage.add``/``delete``), which keeps other
+        writers and compaction's switch out; :attr:`lock` (what searches hold) only while applying."""
+        from streamrank.index.dense_segments import Record, append, encode_record, paths
 
-        state = self._open_state()
-        log_path = paths(self.folder, state.generation)["log"]
-        catch_up(state, log_path)  # records another process appended (or wrote before it crashed)
-        state.log_end = append(log_path, encode_record(op, ids, vectors), state.log_end)
-        state.segments += 1
-        state.apply(Record(op, ids, vectors))
+        state = self._caught_up()
+        log_end = append(paths(self.folder, state.generation)["log"], encode_record(op, ids, vectors), state.log_end)
+        with self.lock:
+            state.log_end = log_end
+            state.segments += 1
+            state.apply(Record(op, ids, vectors))
+            info = self._info(state)
         if self.config.auto_compact and self._compaction_due(state):
             self.compact(background=True)
-        return self._info(state)
+        return info
 
     def _compaction_due(self, state: DenseState) -> bool:
         cfg = self.config
@@ -429,7 +440,7 @@ class DenseRetriever(IndexedRetriever):
         tag = seg.new_generation()
         seg.write_generation(folder, tag, index, live_ids, emb)
         seg.fault_point("compaction-written")
-        with self.lock, mf.writer_lock(folder):
+        with mf.writer_lock(folder), self.lock:
             self._ensure_open()
             current = self._open_state()
             if current.generation != generation:  # another process compacted meanwhile

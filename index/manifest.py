@@ -61,8 +61,9 @@ def library_versions(*distributions: str) -> dict[str, str]:
     return found
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
+def prepare_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path`` and fsync it; returns the temp file, for the
+    caller to ``os.replace`` over ``path`` (removed again on an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -71,14 +72,28 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    tmp = prepare_atomic(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def json_writer(data: Any) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    write_atomic(path, json_writer(data))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
