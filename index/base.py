@@ -251,10 +251,14 @@ class IndexedStage(BaseStage):
         try:
             yield
         except BaseException:
-            with self.lock:
-                self._release()
-                self._stamp = self._manifest = None
+            self._forget()
             raise
+
+    def _forget(self) -> None:
+        """Drop the in-memory index: the next use reloads it from disk."""
+        with self.lock:
+            self._release()
+            self._stamp = self._manifest = None
 
     def indexed_ids(self) -> list[str]:
         """Ids of every document in the index (Pipeline.recover compares them with the store)."""

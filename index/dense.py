@@ -359,6 +359,18 @@ class DenseRetriever(IndexedRetriever):
         present = [doc_id for doc_id in doc_ids if doc_id in state.row_of]
         return self._append(DELETE, present) if present else self._info()
 
+    @contextmanager
+    def _reload_on_error(self) -> Iterator[None]:
+        """A disk error leaves the open state as it was (a record is applied only once it is on disk,
+        and a failed append is cut back), so keep it instead of reloading the whole index."""
+        try:
+            yield
+        except OSError:
+            raise
+        except BaseException:
+            self._forget()
+            raise
+
     def _caught_up(self) -> DenseState:
         """The open state with the records another process appended (or wrote before it crashed) applied."""
         from streamrank.index.dense_segments import catch_up, paths
