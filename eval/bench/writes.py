@@ -251,40 +251,83 @@ def _measure_pipeline(
             out["upsert_100"] = _timed((upsert(100) for _ in range(50)), budget_s)
             out["delete_1"] = _timed((delete() for _ in range(200)), budget_s)
             out["upsert_1_concurrent"] = _concurrent(lambda w, i: upsert(1), 8, 10)
-            out["search_during_burst"] = _search_during_burst(pipeline, queries, upsert, budget_s)
+            out.update(_search_during_burst(pipeline, queries, upsert))
             if deletes:
-                out.update(_after_deletes(pipeline, dense, corpus, victims, queries, work, budget_s))
+                out.update(_after_deletes(name, pipeline, dense, vectors, corpus, victims, queries, work, budget_s))
         out["state"] = {k: v for k, v in dense.manifest()["info"].items() if isinstance(v, int | float | str)}
     finally:
         pipeline.close()
     return out
 
 
-def _search_during_burst(pipeline: Any, queries: list[str], upsert: Callable[[int], Callable[[], None]],
-                         budget_s: float) -> dict[str, Any]:
-    stop = threading.Event()
+def _paired(arms: dict[str, Callable[[str], Any]], queries: list[str], rounds: int = 6) -> dict[str, dict[str, float]]:
+    """Search latency of each arm, measured in alternating blocks of the same queries, so that a change
+    of load on the machine weighs on every arm alike. ``arms``: name -> search function."""
+    latencies: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, search in arms.items():
+            for q in queries:
+                started = time.perf_counter()
+                search(q)
+                latencies[name].append(time.perf_counter() - started)
+    return {name: _summary(values) for name, values in latencies.items()}
+
+
+def _search_during_burst(pipeline: Any, queries: list[str], upsert: Callable[[int], Callable[[], None]]) -> dict[str, Any]:
+    """Search p50 while one thread upserts 1 document after another, against idle, in alternating blocks."""
     writes = [0]
+    burst: dict[str, Any] = {}
 
-    def burst() -> None:
-        while not stop.is_set():
-            upsert(1)()
-            writes[0] += 1
+    def stop_burst() -> None:
+        if burst:
+            burst["stop"].set()
+            burst.pop("thread").join()
+            burst.clear()
 
-    writer = threading.Thread(target=burst)
-    writer.start()
+    def search_idle(q: str) -> None:
+        stop_burst()
+        pipeline.search(q, k=10)
+
+    def search_burst(q: str) -> None:
+        if not burst:
+            stop = threading.Event()
+
+            def writer() -> None:
+                while not stop.is_set():
+                    upsert(1)()
+                    writes[0] += 1
+
+            burst.update(stop=stop, thread=threading.Thread(target=writer))
+            burst["thread"].start()
+            time.sleep(0.05)
+        pipeline.search(q, k=10)
+
     try:
-        figures = _timed((lambda q=q: pipeline.search(q, k=10) for q in queries * 3), budget_s)
+        figures = _paired({"idle": search_idle, "burst": search_burst}, queries[:20])
     finally:
-        stop.set()
-        writer.join()
-    return {**figures, "writes_meanwhile": writes[0]}
+        stop_burst()
+    return {"search_idle_paired": figures["idle"], "search_during_burst": {**figures["burst"], "writes_meanwhile": writes[0]}}
 
 
-def _after_deletes(pipeline: Any, dense: Any, corpus: SyntheticCorpus, victims: Iterator[int], queries: list[str],
-                   work: Path, budget_s: float) -> dict[str, Any]:
-    """Delete 30% of the corpus (compaction held back where the index can), search, then compact."""
+def _after_deletes(name: str, pipeline: Any, dense: Any, vectors: Vectors, corpus: SyntheticCorpus,
+                   victims: Iterator[int], queries: list[str], work: Path, budget_s: float) -> dict[str, Any]:
+    """Delete 30% of the corpus (compaction held back where the index can) and search, beside a freshly
+    compacted copy of the index as it was before the deletions (alternating); then compact."""
+    from streamrank.config import load_pipeline
+
     out: dict[str, Any] = {}
     held = _hold_compaction(dense)
+    fresh_dir = work.with_name(work.name + "-fresh")
+    if held:
+        if dense._compactor is not None:
+            dense._compactor.join()
+        shutil.rmtree(fresh_dir, ignore_errors=True)
+        shutil.copytree(work, fresh_dir)
+        fresh = load_pipeline(name, index_dir=fresh_dir, corpus="")
+        fresh_dense = _dense_stage(fresh)
+        fresh_dense.encode_queries = vectors.query_encoder(fresh_dense.encode_queries)  # type: ignore[method-assign]
+        fresh_dense.config.auto_compact = False
+        fresh_dense.compact()
     started = time.perf_counter()
     target = int(0.3 * corpus.n)
     batch: list[str] = []
@@ -296,7 +339,16 @@ def _after_deletes(pipeline: Any, dense: Any, corpus: SyntheticCorpus, victims: 
     if batch:
         pipeline.delete_documents(batch)
     out["delete_30pct_s"] = round(time.perf_counter() - started, 1)
-    out["search_after_30pct_deleted"] = _timed((lambda q=q: pipeline.search(q, k=10) for q in queries * 3), budget_s)
+    if held:
+        try:
+            paired = _paired({"deleted": lambda q: pipeline.search(q, k=10), "fresh": lambda q: fresh.search(q, k=10)},
+                             queries[:20])
+        finally:
+            fresh.close()
+            shutil.rmtree(fresh_dir, ignore_errors=True)
+        out["search_after_30pct_deleted"], out["search_fresh_paired"] = paired["deleted"], paired["fresh"]
+    else:
+        out["search_after_30pct_deleted"] = _timed((lambda q=q: pipeline.search(q, k=10) for q in queries * 3), budget_s)
     out["disk_bytes_before_compaction"] = folder_bytes(work)
     if held:
         started = time.perf_counter()
@@ -437,7 +489,7 @@ def run_writes_benchmark(
     encoder at every size: writes and searches are timed with precomputed vectors either way)."""
     chosen = [int(s) for s in sizes] if sizes else list(QUICK_SIZES if quick else SIZES)
     names = pipelines or ["dense", "hybrid"]
-    peer_names = list(PEERS) if peers is None else peers
+    peer_names = (list(PEERS) if not quick else []) if peers is None else peers
     budget_s = 5.0 if quick else 30.0
     root = Path(output_dir or tempfile.mkdtemp(prefix="bench-writes-")) / "work"
     results: dict[str, Any] = {"sizes": {}, "durability": PEER_DURABILITY}
@@ -508,10 +560,10 @@ def _ratios(by_size: dict[str, Any], names: list[str]) -> dict[str, Any]:
                 pass
         for size in sizes:
             got = by_size[size].get(name, {})
-            idle = got.get("search_idle", {}).get("p50_ms")
-            if idle:
-                for key in ("search_during_burst", "search_after_30pct_deleted"):
-                    if key in got:
-                        out[f"{name} {key} / idle p50 at {size}"] = round(got[key]["p50_ms"] / idle, 2)
+            for key, base in (("search_during_burst", "search_idle_paired"),
+                              ("search_after_30pct_deleted", "search_fresh_paired"),
+                              ("search_after_30pct_deleted", "search_idle")):
+                if key in got and got.get(base, {}).get("p50_ms"):
+                    out[f"{name} {key} / {base} p50 at {size}"] = round(got[key]["p50_ms"] / got[base]["p50_ms"], 2)
     return out
 

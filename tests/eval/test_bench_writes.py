@@ -26,7 +26,7 @@ def test_a_quick_run_measures_writes_searches_and_compaction(tmp_path: Path) -> 
     figures = run_writes_benchmark(tmp_path, quick=True, pipelines=["dense"], sizes=[300], peers=[])
     dense = figures["sizes"]["300"]["dense"]
     for key in ("upsert_1", "upsert_100", "delete_1", "upsert_1_concurrent", "search_idle", "search_during_burst",
-                "search_after_30pct_deleted"):
+                "search_idle_paired", "search_after_30pct_deleted", "search_fresh_paired"):
         assert dense[key]["n"] >= 5 and 0 < dense[key]["p50_ms"] <= dense[key]["p99_ms"], key
     assert dense["compaction_s"] > 0 and dense["disk_bytes_after_compaction"] < dense["disk_bytes_before_compaction"]
     assert dense["state"]["masked_rows"] == 0  # compacted
