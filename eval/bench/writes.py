@@ -547,11 +547,9 @@ def _ratios(by_size: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """Largest size over smallest for every write p50, and search ratios within a size."""
     sizes = sorted(by_size, key=int)
     out: dict[str, Any] = {}
-    if len(sizes) < 2:
-        return out
     small, large = by_size[sizes[0]], by_size[sizes[-1]]
     for name in names:
-        for op in ("upsert_1", "upsert_100", "delete_1"):
+        for op in ("upsert_1", "upsert_100", "delete_1") if len(sizes) > 1 else ():
             try:
                 out[f"{name} {op} p50 {sizes[-1]}/{sizes[0]}"] = round(
                     large[name][op]["p50_ms"] / small[name][op]["p50_ms"], 2
