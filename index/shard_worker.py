@@ -7,15 +7,15 @@ view of the pipeline's store) and the calls a sharded stage makes: ``search``, `
 records (rankings, arrays, documents), so the same worker runs in process (:class:`LocalShardGroup`)
 or inside an actor of a cluster front end.
 
-A front end that serves shards elsewhere (the Ray actors of ``streamrank.service.ray_shards``)
-installs a factory with :func:`use_shard_backend`; every sharded stage built afterwards in that
-process scatters through it. Without one, shards run in process.
+Shards run in process (:class:`LocalShardGroup`) unless a front end hands a sharded stage another
+group explicitly (``ShardedRetriever.serve_shards``: the Serve deployments of
+``streamrank.service.ray_shards``); there is no process-wide switch.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -175,23 +175,6 @@ class LocalShardGroup:
             worker.close()
 
 
-ShardBackend = Callable[[ShardSpec], ShardGroup]
-_backend: ShardBackend | None = None
-
-
-def use_shard_backend(backend: ShardBackend | None) -> ShardBackend | None:
-    """Serve the shards of stages built from now on in this process through ``backend`` (None: in
-    process); returns the previous one."""
-    global _backend
-    previous, _backend = _backend, backend
-    return previous
-
-
-def shard_group(spec: ShardSpec) -> ShardGroup:
-    """The group the installed backend makes for ``spec`` (in process when none is installed)."""
-    return (_backend or LocalShardGroup)(spec)
-
-
 def stage_key(options: dict[str, Any], shards: int) -> str:
     """A name for the sharded stage that is the same in every process (for actor lookups)."""
     import json
@@ -205,8 +188,6 @@ __all__ = [
     "ShardGroup",
     "ShardSpec",
     "ShardWorker",
-    "shard_group",
     "shard_root",
     "stage_key",
-    "use_shard_backend",
 ]

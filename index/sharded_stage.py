@@ -19,8 +19,8 @@ shards one stage alone::
 - **Supplied pools** are split by owner shard and each part scored there.
 - **Writes** go to the owning shard only (a replaced id is replaced where it lives); dense vectors
   of new documents are encoded once here and handed to the shard. ``indexed_ids`` is the union.
-- **Where shards run**: in process by default; a front end can serve them elsewhere (Ray actors,
-  ``streamrank.index.shard_worker.use_shard_backend``).
+- **Where shards run**: in process by default; a front end hands the stage another group with
+  :meth:`ShardedRetriever.serve_shards` (the Ray Serve shard deployments).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pydantic import Field
 from streamrank.errors import ConfigError
 from streamrank.index.base import _select
 from streamrank.index.shard_worker import (
+    LocalShardGroup,
     ShardContext,
     ShardGroup,
     ShardSpec,
-    shard_group,
     shard_root,
     stage_key,
 )
@@ -75,12 +75,22 @@ class ShardedRetriever(BaseStage):
         self._supplied: Mapping[str, Any] | None = None
 
     @property
+    def spec(self) -> ShardSpec:
+        """What a group serving this stage's shards needs (the same key in every process)."""
+        return ShardSpec(key=stage_key(self.options, self.n), options=self.options, shards=self.n, context=self.context)
+
+    @property
     def group(self) -> ShardGroup:
-        """The shards (made on first use, through the backend installed in this process then)."""
+        """The shards: the group handed to :meth:`serve_shards`, else every shard in this process (made on first use)."""
         if self._group is None:
-            spec = ShardSpec(key=stage_key(self.options, self.n), options=self.options, shards=self.n, context=self.context)
-            self._group = shard_group(spec)
+            self._group = LocalShardGroup(self.spec)
         return self._group
+
+    def serve_shards(self, group: ShardGroup) -> None:
+        """Scatter to ``group`` from now on (shards served elsewhere); the previous group is closed."""
+        if self._group is not None:
+            self._group.close()
+        self._group = group
 
     @property
     def encodes_documents(self) -> bool:

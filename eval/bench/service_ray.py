@@ -21,6 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +130,21 @@ def timed(url: str, pipeline: str, stage: str, k: int, queries: list[str]) -> di
     }
 
 
-def run_service_ray_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_service_ray_benchmark(
+    output_dir: Path | None = None, quick: bool = False, pipelines: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``pipelines`` (``--pipelines hybrid``): only their throughput rows, no scatter-gather part."""
     from streamrank.models import cache_home
 
     with tempfile.TemporaryDirectory(prefix="streamrank-bench-ray-") as tmp:
         work = Path(tmp)
         extra = quick_index(work) if quick else ""
-        rows, skipped = throughput(("bm25",) if quick else PIPELINES, work, extra, quick)
+        chosen = tuple(pipelines or (("bm25",) if quick else PIPELINES))
+        rows, skipped = throughput(chosen, work, extra, quick)
+        scatter: list[dict[str, Any]] = []
         kind, source = ("bm25", work / "index") if quick else ("dense", cache_home() / "indexes" / "scifact")
-        scatter = scatter_gather(work / "scatter", kind, source)
+        if not pipelines:
+            scatter = scatter_gather(work / "scatter", kind, source)
     figures = {
         "dataset": "scifact" + (" (first 1000 documents)" if quick else ""),
         "endpoint": "POST /search k=10",
