@@ -8,7 +8,8 @@ additions and deletions; this base does everything around that once:
   staging folder that replaces the old index only when complete;
 - opening at search time: IndexMissingError / IndexMismatchError with the fix in the message, and
   a reopen whenever the manifest on disk changes (another process rebuilt or updated the index);
-- ``add``/``delete``: under the folder's lock, then the manifest's doc count and checksum updated;
+- ``add``/``delete``: under the folder's lock, then the manifest's doc count and corpus identity
+  updated (the store keeps that identity incrementally: O(documents written), no scan);
 - ``indexed_ids`` and ``close``.
 
 :class:`IndexedRetriever` (BM25, dense) adds retrieval: a subclass says how to search its index
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +48,9 @@ class IndexedStage(BaseStage):
     """Distributions whose versions go into the manifest."""
     AT_LEAST_SETTINGS: ClassVar[tuple[str, ...]] = ()
     """List settings an index may hold more of than a pipeline asks for (see ``check_settings``)."""
+    WRITES_TAKE_LOCK: ClassVar[bool] = True
+    """``_add``/``_delete`` run holding :attr:`lock` (searches wait for them). False: the subclass
+    takes the lock itself only where it changes what searches read (dense: not while it fsyncs)."""
     config: IndexedConfig
 
     def __init__(self, config: IndexedConfig, context: Any) -> None:
@@ -54,6 +58,7 @@ class IndexedStage(BaseStage):
         self._stamp: tuple[int, int, int] | None = None
         self._manifest: dict[str, Any] | None = None
         self._own_lock = threading.RLock()
+        self._libraries: dict[str, str] | None = None
         self._build_checksum: str | None = None
         """Corpus checksum of the build in progress (set before ``_write`` is called)."""
 
@@ -127,6 +132,10 @@ class IndexedStage(BaseStage):
             self._manifest, self._stamp = manifest, stamp
 
     def _save_manifest(self, info: dict[str, Any], checksum: str | None) -> None:
+        """Write the manifest (synced outside :attr:`lock`; swapped in and noted under it, so a search
+        never takes this process's own write for another process's and reloads)."""
+        import os
+
         old = self._manifest or {}
         new = mf.make_manifest(
             self.settings(),
@@ -136,11 +145,20 @@ class IndexedStage(BaseStage):
             info=info,
             created=old.get("created"),
         )
-        mf.write_json_atomic(self.folder / mf.MANIFEST_NAME, new)
-        self._manifest, self._stamp = new, mf.manifest_stamp(self.folder)
+        path = self.folder / mf.MANIFEST_NAME
+        tmp = mf.prepare_atomic(path, mf.json_writer(new))
+        with self.lock:
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._manifest, self._stamp = new, mf.manifest_stamp(self.folder)
 
     def library_versions(self) -> dict[str, str]:
-        return mf.library_versions(*self.libraries)
+        if self._libraries is None:  # importlib.metadata reads the installed distributions: once
+            self._libraries = mf.library_versions(*self.libraries)
+        return dict(self._libraries)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def build(self, documents: Iterable[Document], *, rebuild: bool = False) -> None:
@@ -150,7 +168,7 @@ class IndexedStage(BaseStage):
         ``rebuild`` is False.
         """
         folder = self.folder
-        with self.lock, mf.writer_lock(folder):
+        with mf.writer_lock(folder), self.lock:  # always the writer lock first (no lock-order deadlock)
             existing = mf.read_manifest(folder)
             if existing is not None and not rebuild:
                 mf.check_settings(existing, self.settings(), folder, self.AT_LEAST_SETTINGS)
@@ -191,6 +209,12 @@ class IndexedStage(BaseStage):
                 )
             self._save_manifest(dict(self._manifest["info"]), checksum)  # type: ignore[index]
             return
+        if mf.is_legacy_checksum(manifest) and manifest["corpus_checksum"] == mf.legacy_checksum(
+            documents if isinstance(documents, DocumentStore) else docs
+        ):  # built by an older version from this corpus: record today's identity, keep the index
+            self._ensure_open()
+            self._save_manifest(dict(self._manifest["info"]), checksum)  # type: ignore[index]
+            return
         mf.check_corpus(manifest, checksum, count, self.folder)
 
     def add(self, documents: Sequence[Document]) -> None:
@@ -200,7 +224,7 @@ class IndexedStage(BaseStage):
         documents = list({d.id: d for d in documents}.values())
         self._ensure_open()
         prepared = self._prepare_add(documents)  # model work outside the locks: searches go on meanwhile
-        with self.lock, mf.writer_lock(self.folder):
+        with mf.writer_lock(self.folder), self._write_guard():
             self._ensure_open()  # picks up changes another process made
             with self._reload_on_error():
                 info = self._add(documents) if prepared is None else self._add(documents, prepared)
@@ -211,11 +235,15 @@ class IndexedStage(BaseStage):
         if not doc_ids:
             return
         self._ensure_open()
-        with self.lock, mf.writer_lock(self.folder):
+        with mf.writer_lock(self.folder), self._write_guard():
             self._ensure_open()  # picks up changes another process made
             with self._reload_on_error():
                 info = self._delete(list(dict.fromkeys(doc_ids)))
                 self._save_manifest(info, mf.store_checksum_after(self.context.store, deleted=doc_ids))
+
+    def _write_guard(self) -> Any:
+        """:attr:`lock` around a write unless the subclass takes it itself (``WRITES_TAKE_LOCK``)."""
+        return self.lock if self.WRITES_TAKE_LOCK else nullcontext()
 
     @contextmanager
     def _reload_on_error(self) -> Iterator[None]:
@@ -223,9 +251,14 @@ class IndexedStage(BaseStage):
         try:
             yield
         except BaseException:
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        """Drop the in-memory index: the next use reloads it from disk."""
+        with self.lock:
             self._release()
             self._stamp = self._manifest = None
-            raise
 
     def indexed_ids(self) -> list[str]:
         """Ids of every document in the index (Pipeline.recover compares them with the store)."""

@@ -6,11 +6,15 @@ corpus; ``nlist`` default about ``min(4*sqrt(n), n/39)``, ``pq_m`` x ``pq_bits``
 time; a corpus too small to train PQ gets ``flat``, said in the warning and ``info.built_as``). The FAISS
 index runs on a GPU when faiss-gpu sees one (flat and ivfpq).
 
-``<index_dir>/dense`` holds ``index.faiss``, ``ids.json`` (row -> doc id, ``null`` for a replaced or
-deleted row), ``embeddings.npy`` (float32, read by other stages through :meth:`DenseRetriever.embeddings_for`)
-and ``manifest.json``, each replaced atomically, the manifest last; row counts are checked on open, so an
-interrupted update is reported instead of searched. Additions encode only the new documents and append
-rows; masked rows are dropped (FAISS rebuilt from the stored vectors) once they are a quarter of the index.
+``<index_dir>/dense`` holds a base generation (``index.faiss``, ``ids.json``: row -> doc id, ``null`` for a
+replaced or deleted row, ``embeddings.npy``: float32, read by other stages through
+:meth:`DenseRetriever.embeddings_for`), an append-only segment log and ``manifest.json``
+(:mod:`streamrank.index.dense_segments`). A write encodes only the new documents, appends one record
+to the log (fsynced before it is acknowledged) and adds the vectors to FAISS; a delete appends
+tombstones, which searches filter inside FAISS (an ``IDSelectorBitmap``). Nothing is rewritten per
+write: compaction writes a new generation in a background thread (no lock held while it writes)
+once tombstones are ``compact_tombstones`` of the rows, the log holds ``compact_segments`` records or
+as many rows as the base, then switches to it atomically.
 
 Texts get the model's own sentence-transformers prompts (EmbeddingGemma's ``task: search result |
 query: `` and ``title: none | text: ``) unless a prefix is configured. A build saves its encoding
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,10 +45,12 @@ from streamrank.types import Document, ModelCall, Ranking
 if TYPE_CHECKING:
     import numpy as np
 
+    from streamrank.index.dense_segments import DenseState
+
 log = logging.getLogger(__name__)
 
 COMPACT_FRACTION = 0.25
-"""Rebuild the FAISS index from stored embeddings once this share of its rows is masked."""
+"""Default ``compact_tombstones``: compact once this share of the rows is tombstoned."""
 REUSE_KEYS = ("kind", "model", "normalized", "document_prefix", "document_prompt", "dtype", "lowrank")
 """Settings under which a sibling dense index's stored embeddings are this index's embeddings."""
 SHOW_PROGRESS_FROM = 1000
@@ -83,6 +90,12 @@ class DenseConfig(IndexedConfig):
     float32 index: cosine >= 0.998 to the float32 ones, 2.6x faster at batch 16 on such a CPU (BENCHMARKS.md)."""
     use_gpu: bool = True
     """Search on a GPU copy of the FAISS index when faiss-gpu sees a GPU."""
+    auto_compact: bool = True
+    """Compact in a background thread when a trigger below is reached (False: only ``compact()``)."""
+    compact_tombstones: float = Field(COMPACT_FRACTION, gt=0, le=1)
+    """Compact once this share of the index's rows are tombstones (deleted or replaced documents)."""
+    compact_segments: int = Field(4096, ge=1)
+    """Compact once the log holds this many records (one per write)."""
     history_weight: float = Field(0.0, ge=0, le=1)
     """Mix the query vector with the centroid of the request's user_history embeddings (0 = off)."""
     lowrank: dict[str, Any] | None = None
@@ -117,16 +130,14 @@ class DenseRetriever(IndexedRetriever):
 
     Config = DenseConfig
     config: DenseConfig
+    WRITES_TAKE_LOCK = False  # searches go on while a write fsyncs; the lock is taken to apply it
     libraries = ("faiss-cpu", "faiss-gpu", "sentence-transformers", "torch", "transformers", "numpy")
 
     def __init__(self, config: DenseConfig, context: Any) -> None:
         super().__init__(config, context)
-        self._index: Any = None  # faiss index on CPU
-        self._gpu: Any = None  # GPU copy, made on first search
-        self._ids: list[str | None] = []
-        self._row_of: dict[str, int] = {}
-        self._emb: np.ndarray | None = None
-        self._built_as = config.index_type
+        self._state: DenseState | None = None  # the open index (FAISS, vectors, ids, tombstones, log position)
+        self._compacting = threading.Lock()
+        self._compactor: threading.Thread | None = None
         self._supplied: Mapping[str, np.ndarray] | None = None  # see supply_embeddings
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -201,11 +212,12 @@ class DenseRetriever(IndexedRetriever):
 
         self._ensure_open()
         with self.lock:
-            rows = [self._row_of.get(i) for i in doc_ids]
+            state = self._open_state()
+            rows = [state.row_of.get(i) for i in doc_ids]
             out = np.zeros((len(doc_ids), self._dimension()), dtype=np.float32)
             have = [n for n, r in enumerate(rows) if r is not None]
             if have:
-                out[have] = self._emb[[rows[n] for n in have]]
+                out[have] = state.vectors.view()[[rows[n] for n in have]]
         missing = [n for n, r in enumerate(rows) if r is None]
         if missing:
             found = self.context.store.get_many([doc_ids[n] for n in missing])
@@ -220,7 +232,9 @@ class DenseRetriever(IndexedRetriever):
         if not self._try_open():
             return {}
         with self.lock:
-            return {i: self._emb[self._row_of[i]] for i in doc_ids if i in self._row_of}
+            state = self._open_state()
+            vectors = state.vectors.view()
+            return {i: vectors[state.row_of[i]] for i in doc_ids if i in state.row_of}
 
     # ---- index settings and files -------------------------------------------------------------
     def vector_settings(self) -> dict[str, Any]:
@@ -252,37 +266,34 @@ class DenseRetriever(IndexedRetriever):
             settings.update(nlist=cfg.nlist, pq_m=cfg.pq_m, pq_bits=cfg.pq_bits)
         return settings
 
+    def _open_state(self) -> DenseState:
+        assert self._state is not None, "the dense index is not open"
+        return self._state
+
     def _dimension(self) -> int:
-        assert self._emb is not None
-        return int(self._emb.shape[1])
+        return int(self._open_state().vectors.view().shape[1])
 
     def _new_index(self, embeddings: np.ndarray) -> tuple[Any, dict[str, Any]]:
         from streamrank.index.faiss_index import new_faiss_index
 
         return new_faiss_index(embeddings, self.config, self.name)
 
-    def _persist(self, folder: Path) -> None:
-        """Write embeddings, ids and the FAISS index (the caller writes the manifest last)."""
-        from streamrank.index.faiss_index import write_dense_files
-
-        write_dense_files(folder, self._index, self._ids, self._emb)
-
-    def _info(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        rows = len(self._ids)
+    def _info(self, state: DenseState | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        state = state or self._open_state()
         info = dict(self._manifest["info"]) if self._manifest else {}
         info.update(extra or {})
         info.update(
-            doc_count=len(self._row_of),
-            rows=rows,
-            masked_rows=rows - len(self._row_of),
-            dimension=self._dimension(),
+            doc_count=len(state.row_of),
+            rows=state.rows,
+            masked_rows=state.tombstones,
+            dimension=int(state.vectors.view().shape[1]),
+            generation=state.generation,
+            base_rows=state.base_rows,
+            segments=state.segments,
+            log_bytes=state.log_end,
+            built_as=state.built_as,
         )
         return info
-
-    def _set_state(self, index: Any, ids: list[str | None], emb: np.ndarray, built_as: str) -> None:
-        self._index, self._ids, self._emb, self._built_as = index, ids, emb, built_as
-        self._row_of = {doc_id: row for row, doc_id in enumerate(ids) if doc_id is not None}
-        self._gpu = None
 
     def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -298,25 +309,24 @@ class DenseRetriever(IndexedRetriever):
         else:
             source, emb = None, self.encode_documents(documents, checkpoint=self.checkpoint_folder())
         encode_s = time.perf_counter() - started
+        from streamrank.index.dense_segments import DenseState, write_generation
+
         index, info = self._new_index(emb)
-        self._set_state(index, [d.id for d in documents], emb, info["built_as"])
-        self._persist(folder)
-        info = self._info(info)
+        ids: list[str | None] = [d.id for d in documents]
+        write_generation(folder, "", index, ids, emb)
+        info = self._info(DenseState(index, ids, emb, "", info["built_as"]), info)
         info["encode_seconds"] = round(encode_s, 1)
         if source is not None:
             info["embeddings_from"] = source
-        self._release()  # the base opens the moved folder on next use
         return info
 
     def _open(self, folder: Path, manifest: dict[str, Any]) -> None:
-        from streamrank.index.faiss_index import read_dense_files
+        from streamrank.index.dense_segments import read_generation
 
-        index, ids, emb = read_dense_files(folder, manifest)
-        self._set_state(index, ids, emb, manifest.get("info", {}).get("built_as", self.config.index_type))
+        self._state = read_generation(folder, manifest)
 
     def _release(self) -> None:
-        self._index = self._gpu = self._emb = None
-        self._ids, self._row_of = [], {}
+        self._state = None
 
     # ---- updates ------------------------------------------------------------------------------
     @contextmanager
@@ -336,7 +346,7 @@ class DenseRetriever(IndexedRetriever):
         return supplied[1] if supplied is not None else self.encode_documents(documents)
 
     def _add(self, documents: Sequence[Document], new: np.ndarray | None = None) -> dict[str, Any]:
-        import numpy as np
+        from streamrank.index.dense_segments import ADD
 
         if new is None:
             new = self.encode_documents(documents)
@@ -345,37 +355,144 @@ class DenseRetriever(IndexedRetriever):
                 f"{self.config.model} gives {new.shape[1]}-d vectors but the index at {self.folder} holds "
                 f"{self._dimension()}-d ones; {mf.REBUILD_HINT}"
             )
-        ids = list(self._ids)
-        for doc in documents:
-            if doc.id in self._row_of:
-                ids[self._row_of[doc.id]] = None
-        ids.extend(d.id for d in documents)
-        self._index.add(new)
-        self._set_state(self._index, ids, np.concatenate([self._emb, new]), self._built_as)
-        return self._compact_and_persist()
+        return self._append(ADD, [d.id for d in documents], new)
 
     def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
-        ids = list(self._ids)
-        for doc_id in doc_ids:
-            if doc_id in self._row_of:
-                ids[self._row_of[doc_id]] = None
-        self._set_state(self._index, ids, self._emb, self._built_as)
-        return self._compact_and_persist()
+        from streamrank.index.dense_segments import DELETE
 
-    def _compact_and_persist(self) -> dict[str, Any]:
-        """Drop masked rows once there are many (FAISS rebuilt from stored vectors), then write the files."""
-        extra: dict[str, Any] = {}
-        masked = len(self._ids) - len(self._row_of)
-        if masked and masked >= COMPACT_FRACTION * len(self._ids):
-            live = [row for row, doc_id in enumerate(self._ids) if doc_id is not None]
-            emb = self._emb[live]
-            index, extra = self._new_index(emb)
-            self._set_state(index, [self._ids[r] for r in live], emb, extra["built_as"])
-        self._persist(self.folder)
-        return self._info(extra)
+        state = self._caught_up()
+        present = [doc_id for doc_id in doc_ids if doc_id in state.row_of]
+        return self._append(DELETE, present) if present else self._info()
+
+    @contextmanager
+    def _reload_on_error(self) -> Iterator[None]:
+        """A disk error leaves the open state as it was (a record is applied only once it is on disk,
+        and a failed append is cut back), so keep it instead of reloading the whole index."""
+        try:
+            yield
+        except OSError:
+            raise
+        except BaseException:
+            self._forget()
+            raise
+
+    def _caught_up(self) -> DenseState:
+        """The open state with the records another process appended (or wrote before it crashed) applied."""
+        from streamrank.index.dense_segments import catch_up, paths
+
+        with self.lock:
+            state = self._open_state()
+            catch_up(state, paths(self.folder, state.generation)["log"])
+            return state
+
+    def _append(self, op: int, ids: list[str], vectors: np.ndarray | None = None) -> dict[str, Any]:
+        """Append one record to the log (durable when this returns), apply it, maybe start compaction.
+
+        Called holding the folder's writer lock (``IndexedStage.add``/``delete``), which keeps other
+        writers and compaction's switch out; :attr:`lock` (what searches hold) only while applying."""
+        from streamrank.index.dense_segments import Record, append, encode_record, paths
+
+        state = self._caught_up()
+        log_end = append(paths(self.folder, state.generation)["log"], encode_record(op, ids, vectors), state.log_end)
+        with self.lock:
+            state.log_end = log_end
+            state.segments += 1
+            state.apply(Record(op, ids, vectors))
+            info = self._info(state)
+        if self.config.auto_compact and self._compaction_due(state):
+            self.compact(background=True)
+        return info
+
+    def _compaction_due(self, state: DenseState) -> bool:
+        cfg = self.config
+        return (
+            state.tombstones >= max(1, cfg.compact_tombstones * state.rows)
+            or state.segments >= cfg.compact_segments
+            or state.rows - state.base_rows >= max(1024, state.base_rows)
+        )
 
     def _live_ids(self) -> list[str]:
-        return [doc_id for doc_id in self._ids if doc_id is not None]
+        return self._open_state().live_ids()
+
+    # ---- compaction ---------------------------------------------------------------------------
+    def compact(self, background: bool = False) -> bool:
+        """Rewrite the index without its tombstones and log: a new generation written with no lock
+        held (searches and writes go on), then switched to under the lock. Returns False when a
+        compaction is already running (or, with ``background``, once the thread has started)."""
+        if background:
+            if self._compactor is not None and self._compactor.is_alive():
+                return False
+            self._compactor = threading.Thread(target=self._compact_logged, name=f"compact-{self.name}", daemon=True)
+            self._compactor.start()
+            return False
+        if not self._compacting.acquire(blocking=False):
+            return False
+        try:
+            return self._compact()
+        finally:
+            self._compacting.release()
+
+    def _compact_logged(self) -> None:
+        try:
+            self.compact()
+        except Exception:  # the index stays as it was; the next trigger tries again
+            log.exception("dense stage %r: background compaction failed", self.name)
+
+    def _compact(self) -> bool:
+        import numpy as np
+
+        from streamrank.index import dense_segments as seg
+
+        folder = self.folder
+        started = time.perf_counter()
+        with self.lock:
+            self._ensure_open()
+            old = self._open_state()
+            generation, end, ids = old.generation, old.log_end, list(old.ids)
+            vectors = old.vectors.view()  # rows [0, len(ids)) never change: appends go past them
+        live = [row for row, doc_id in enumerate(ids) if doc_id is not None]
+        emb = np.ascontiguousarray(vectors[live])
+        index, extra = self._new_index(emb)
+        live_ids: list[str | None] = [ids[row] for row in live]
+        tag = seg.new_generation()
+        seg.write_generation(folder, tag, index, live_ids, emb)
+        seg.fault_point("compaction-written")
+        with mf.writer_lock(folder), self.lock:
+            self._ensure_open()
+            current = self._open_state()
+            if current.generation != generation:  # another process compacted meanwhile
+                for path in seg.paths(folder, tag).values():
+                    path.unlink(missing_ok=True)
+                return False
+            old_log = seg.paths(folder, generation)["log"]
+            seg.catch_up(current, old_log)
+            tail = b""
+            if current.log_end > end:
+                with open(old_log, "rb") as handle:
+                    handle.seek(end)
+                    tail = handle.read(current.log_end - end)
+            new_log = seg.paths(folder, tag)["log"]
+            mf.write_atomic(new_log, lambda tmp: tmp.write_bytes(tail))
+            fresh = seg.DenseState(index, live_ids, emb, tag, extra["built_as"])
+            seg.catch_up(fresh, new_log)  # what was written while the new generation was being written
+            info = self._info(fresh, extra)
+            info["compaction_seconds"] = round(time.perf_counter() - started, 2)
+            self._save_manifest(info, self.manifest_checksum())  # the switch
+            self._state = fresh
+            seg.fault_point("compaction-switched")
+            seg.remove_strays(folder, tag)
+        log.info("dense stage %r: compacted %d rows to %d in %.1f s", self.name, len(ids), len(live), time.perf_counter() - started)
+        return True
+
+    def manifest_checksum(self) -> str | None:
+        """The corpus identity the open index's manifest records (compaction keeps it: same documents)."""
+        return (self._manifest or {}).get("corpus_checksum")
+
+    def close(self) -> None:
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
+        super().close()
 
     # ---- searching ----------------------------------------------------------------------------
     def _prepare(self, rankings: Sequence[Ranking]) -> np.ndarray:
@@ -392,39 +509,35 @@ class DenseRetriever(IndexedRetriever):
         """Mix each query vector with the centroid of its user history (known documents only)."""
         from streamrank.index.graph import personalised_query
 
+        row_of = self._open_state().row_of if self._state is not None else {}
         for i, r in enumerate(rankings):
-            history = [d for d in r.query.user_history if d in self._row_of or d in self.context.store]
+            history = [d for d in r.query.user_history if d in row_of or d in self.context.store]
             if history:
                 vectors[i] = personalised_query(vectors[i], self.embeddings_for(history), self.config.history_weight)
 
-    def _searchable(self) -> Any:
-        """The index to search: a GPU copy when faiss-gpu sees a GPU (flat / IVF-PQ), else the CPU one."""
-        from streamrank.index.faiss_index import gpu_copy
-
-        if self._gpu is None and self.config.use_gpu:
-            self._gpu = gpu_copy(self._index, self._built_as, self.config.nprobe)
-        return self._gpu if self._gpu is not None else self._index
-
     def _search(self, rankings: Sequence[Ranking], prepared: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        from streamrank.index.faiss_index import search_parameters
+        """Top ``k`` live rows: tombstones filtered inside FAISS by a selector of the live rows (a GPU
+        copy, which takes no selector, is searched ``k`` + tombstones deep instead)."""
+        from streamrank.index.faiss_index import gpu_copy, search_parameters
 
-        live = len(self._row_of)
-        k = min(k, live)
+        state = self._open_state()
+        k = min(k, len(state.row_of))
         if k == 0:
             return [[] for _ in rankings]
-        depth = min(self._index.ntotal, k + (len(self._ids) - live))  # masked rows may take places
-        index = self._searchable()
-        params = search_parameters(self.config, self._built_as, depth) if index is self._index else None
-        scores, rows = index.search(prepared, depth, params=params)
-        results = []
-        for row_scores, row_ids in zip(scores, rows, strict=True):
-            hits = [
-                (self._ids[r], float(s))
-                for s, r in zip(row_scores, row_ids, strict=True)
-                if r >= 0 and self._ids[r] is not None
-            ]
-            results.append(hits[:k])
-        return results
+        if state.gpu is None and self.config.use_gpu:
+            state.gpu = gpu_copy(state.index, state.built_as, self.config.nprobe)
+        if state.gpu is not None:
+            depth = min(state.index.ntotal, k + state.tombstones)
+            scores, rows = state.gpu.search(prepared, depth)
+        else:
+            selector = state.selector()
+            params = search_parameters(self.config, state.built_as, k, selector)
+            scores, rows = state.index.search(prepared, k, params=params)
+        ids = state.ids
+        return [
+            [(ids[r], float(s)) for s, r in zip(row_scores, row_ids, strict=True) if r >= 0 and ids[r] is not None][:k]
+            for row_scores, row_ids in zip(scores, rows, strict=True)
+        ]
 
     def _score_pool(self, rankings: Sequence[Ranking], prepared: np.ndarray) -> list[list[float]]:
         from streamrank.index.dense_pool import score_supplied_pool

@@ -1,5 +1,6 @@
-"""FAISS indexes for the dense stage: building one of the configured type, its files, its search
-parameters, a GPU copy, and reusing a sibling index's (or supplied) embeddings."""
+"""FAISS indexes for the dense stage: building one of the configured type, its search parameters
+(with the selector of live rows), a GPU copy, and reusing a sibling index's (or supplied) embeddings.
+The files are :mod:`streamrank.index.dense_segments`'."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streamrank.errors import IndexMismatchError
 from streamrank.index import manifest as mf
 
 if TYPE_CHECKING:
@@ -61,16 +61,18 @@ def new_faiss_index(embeddings: np.ndarray, cfg: DenseConfig, stage: str) -> tup
     return index, info
 
 
-def search_parameters(cfg: DenseConfig, built_as: str, depth: int) -> Any:
-    """Search-time parameters for a CPU index built as ``built_as`` (None for flat)."""
+def search_parameters(cfg: DenseConfig, built_as: str, depth: int, selector: Any = None) -> Any:
+    """Search-time parameters for a CPU index built as ``built_as``, filtering by ``selector`` when
+    given (the live rows; None for a flat index without one)."""
     import faiss
 
+    extra = {} if selector is None else {"sel": selector}
     if built_as == "hnsw":
         # the configured depth sets the beam, so a shallower request sees the same neighbours
-        return faiss.SearchParametersHNSW(efSearch=max(cfg.ef_search, cfg.k, depth))
+        return faiss.SearchParametersHNSW(efSearch=max(cfg.ef_search, cfg.k, depth), **extra)
     if built_as == "ivfpq":
-        return faiss.SearchParametersIVF(nprobe=cfg.nprobe)
-    return None
+        return faiss.SearchParametersIVF(nprobe=cfg.nprobe, **extra)
+    return faiss.SearchParameters(**extra) if selector is not None else None
 
 
 def gpu_copy(index: Any, built_as: str, nprobe: int) -> Any | None:
@@ -85,38 +87,6 @@ def gpu_copy(index: Any, built_as: str, nprobe: int) -> Any | None:
     return gpu
 
 
-def write_dense_files(folder: Path, index: Any, ids: Sequence[str | None], embeddings: np.ndarray) -> None:
-    """``embeddings.npy``, ``ids.json`` and ``index.faiss``, each replaced atomically."""
-    import faiss
-    import numpy as np
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as handle:
-            np.save(handle, embeddings)
-
-    mf.write_atomic(folder / "embeddings.npy", save)
-    mf.write_json_atomic(folder / "ids.json", list(ids))
-    mf.write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
-
-
-def read_dense_files(folder: Path, manifest: dict[str, Any]) -> tuple[Any, list[str | None], np.ndarray]:
-    """The FAISS index, row ids and embeddings in ``folder``; IndexMismatchError when their row counts differ
-    (an interrupted update)."""
-    import faiss
-    import numpy as np
-
-    index = faiss.read_index(str(folder / "index.faiss"))
-    ids = json.loads((folder / "ids.json").read_text())
-    emb = np.load(folder / "embeddings.npy")
-    rows = manifest.get("info", {}).get("rows")
-    if not (len(ids) == emb.shape[0] == index.ntotal == (rows if rows is not None else len(ids))):
-        raise IndexMismatchError(
-            f"the dense index at {folder} is inconsistent (ids {len(ids)}, embeddings {emb.shape[0]}, "
-            f"FAISS rows {index.ntotal}, manifest {rows}): an update was interrupted; {mf.REBUILD_HINT}"
-        )
-    return index, ids, emb
-
-
 def sibling_embeddings(
     folder: Path, wanted: dict[str, Any], checksum: str | None, ids: Sequence[str]
 ) -> tuple[str, np.ndarray] | None:
@@ -124,6 +94,8 @@ def sibling_embeddings(
     whose corpus checksum is ``checksum`` (another index_type of the same model, prompt and corpus), so
     switching index type never re-encodes the corpus; with the sibling's folder name."""
     import numpy as np
+
+    from streamrank.index.dense_segments import paths
 
     if checksum is None:
         return None
@@ -133,12 +105,14 @@ def sibling_embeddings(
         settings = manifest.get("settings", {})
         if sibling == folder or any(settings.get(k) != v for k, v in wanted.items()):
             continue
-        if manifest.get("corpus_checksum") != checksum:
+        info = manifest.get("info", {})
+        if manifest.get("corpus_checksum") != checksum or info.get("segments"):  # a log to replay: not as built
             continue
+        files = paths(sibling, str(info.get("generation", "")))
         try:
-            if json.loads((sibling / "ids.json").read_text()) != list(ids):
+            if json.loads(files["ids"].read_text()) != list(ids):
                 continue
-            emb = np.load(sibling / "embeddings.npy")
+            emb = np.load(files["embeddings"])
         except (OSError, ValueError):
             continue
         if emb.shape[0] == len(ids):

@@ -61,8 +61,9 @@ def library_versions(*distributions: str) -> dict[str, str]:
     return found
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
+def prepare_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path`` and fsync it; returns the temp file, for the
+    caller to ``os.replace`` over ``path`` (removed again on an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -71,14 +72,28 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    tmp = prepare_atomic(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def json_writer(data: Any) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    write_atomic(path, json_writer(data))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -155,6 +170,28 @@ def check_corpus(manifest: Mapping[str, Any], checksum: str, doc_count: int, fol
         )
 
 
+def is_legacy_checksum(manifest: Mapping[str, Any]) -> bool:
+    """Whether the manifest records a corpus checksum of the older, full-scan kind."""
+    from streamrank.store import IDENTITY_PREFIX
+
+    recorded = manifest.get("corpus_checksum")
+    return isinstance(recorded, str) and not recorded.startswith(IDENTITY_PREFIX)
+
+
+def legacy_checksum(documents: Iterable[Document]) -> str:
+    """The older full-scan checksum of ``documents`` (``DocumentStore.legacy_checksum``)."""
+    from streamrank.store import DocumentStore
+
+    if isinstance(documents, DocumentStore):
+        return documents.legacy_checksum()
+    scratch = DocumentStore(":memory:")
+    try:
+        scratch.upsert(documents)
+        return scratch.legacy_checksum()
+    finally:
+        scratch.close()
+
+
 def materialize(documents: Iterable[Document]) -> tuple[list[Document], str]:
     """The documents as a list (last version of each id, first-seen order) and their corpus checksum.
 
@@ -177,7 +214,8 @@ def store_checksum_after(
     store: DocumentStore, added: Sequence[Document] = (), deleted: Sequence[str] = ()
 ) -> str | None:
     """The store's checksum if it already reflects an add/delete (it should: the store is written
-    first), else None, meaning "unknown": the next ``build`` then compares document ids instead."""
+    first), else None, meaning "unknown": the next ``build`` then compares document ids instead.
+    O(documents written): the store keeps its identity incrementally."""
     if any(doc_id in store for doc_id in deleted):
         return None
     found = store.get_many([d.id for d in added])

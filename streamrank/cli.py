@@ -118,6 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options: dict[str, object] = {"pipelines": args.pipelines.split(",")} if args.pipelines else {}
     if args.model:
         options["model"] = args.model
+    if args.sizes:
+        options["sizes"] = [int(s) for s in args.sizes.split(",")]
     run_benchmark(name, output_dir=Path(args.output) if args.output else None, quick=args.quick, **options)
     return 0
 
@@ -288,13 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local head)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, kernels-kv, kernels-latency, ppr, service, soak, retrieval")
+    p = sub.add_parser("bench", help="run a benchmark: " + "rerank, kernels, kernels-kv, kernels-latency, ppr, service, soak, retrieval, writes")
     p.add_argument("name")
     p.add_argument("--output", "-o", help="folder to write NAME.json into")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--ray", action="store_true", help="service: beside the same servers on Ray Serve (needs streamrank[ray])")
     p.add_argument("--pipelines", help="service: comma-separated configs to measure (default: bm25,dense,hybrid,ppr)")
     p.add_argument("--model", help="rerank: the LLM, e.g. a trained reranker's folder (default: smollm2)")
+    p.add_argument("--sizes", help="writes: comma-separated corpus sizes (default: 10000,100000,1000000)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-ranker", help="train a pipeline's learned ranker on a train split")

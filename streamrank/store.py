@@ -101,16 +101,34 @@ CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL,
     text TEXT NOT NULL,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    hash BLOB
 );
 CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
 _UPSERT = (
-    "INSERT INTO documents(id, title, text, seq) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(id) DO UPDATE SET title=excluded.title, text=excluded.text"
+    "INSERT INTO documents(id, title, text, seq, hash) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET title=excluded.title, text=excluded.text, hash=excluded.hash"
 )
+IDENTITY_PREFIX = "ms1:"
+"""Marks a corpus identity of :meth:`DocumentStore.checksum` (older manifests hold a plain SHA-256)."""
+_MODULUS = 2**256
+
+
+def document_hash(doc_id: str, title: str, text: str) -> bytes:
+    """SHA-256 of one document's (id, title, text): its share of the corpus identity."""
+    digest = hashlib.sha256()
+    for part in (doc_id, title, text):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.digest()
+
+
+def _value(digest: bytes | None) -> int:
+    return int.from_bytes(digest, "big") if digest else 0
 
 
 class _Transaction:
@@ -121,7 +139,7 @@ class _Transaction:
         self._db = db
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN")
+        self._db.execute("BEGIN IMMEDIATE")  # the identity is read and written in it: take the write lock now
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
@@ -140,6 +158,9 @@ class DocumentStore:
     """Documents by id, durable once ``upsert`` returns (SQLite WAL with synchronous=FULL).
 
     ``seq`` keeps insertion order so a rebuilt index visits documents in the order they came.
+    The corpus identity (:meth:`checksum`) is kept incrementally: each row holds the SHA-256 of its
+    document and ``meta`` their sum modulo 2**256, updated in the transaction of every write, so a
+    write costs O(documents written) and reading the identity O(1).
     Safe to share between threads: one connection, guarded by a lock.
     """
 
@@ -151,32 +172,72 @@ class DocumentStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Give a store written before the incremental identity its hashes and identity (once)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
+        if self._identity() is not None and "hash" in columns:
+            return
+        with self._lock, self._transaction():
+            if "hash" not in columns:
+                self._db.execute("ALTER TABLE documents ADD COLUMN hash BLOB")
+            rows = self._db.execute("SELECT id, title, text FROM documents WHERE hash IS NULL").fetchall()
+            self._db.executemany(
+                "UPDATE documents SET hash = ? WHERE id = ?", [(document_hash(*row), row[0]) for row in rows]
+            )
+            total = sum(_value(h) for (h,) in self._db.execute("SELECT hash FROM documents"))
+            self._set_identity(total % _MODULUS)
+
+    def _identity(self) -> int | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+        return int(row[0], 16) if row else None
+
+    def _set_identity(self, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES ('identity', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (f"{value:064x}",),
+        )
+
+    def _hash_sum(self, doc_ids: Sequence[str]) -> int:
+        """Sum of the stored hashes of those of ``doc_ids`` the store holds (inside the transaction)."""
+        total = 0
+        ids = list(dict.fromkeys(doc_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for (digest,) in self._db.execute(f"SELECT hash FROM documents WHERE id IN ({marks})", chunk):
+                total += _value(digest)
+        return total
+
+    def _write(self, gone: Sequence[str], documents: Sequence[Document]) -> int:
+        """Delete ``gone`` and upsert ``documents`` in one transaction, the identity updated with them;
+        returns how many rows the delete removed."""
+        rows = [(d.id, d.title, d.text, 0, document_hash(d.id, d.title, d.text)) for d in documents]
+        with self._lock, self._transaction():
+            identity = self._identity() or 0
+            identity -= self._hash_sum([*gone, *(d.id for d in documents)])
+            removed = self._db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in gone]).rowcount
+            (next_seq,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM documents").fetchone()
+            self._db.executemany(_UPSERT, [(*row[:3], next_seq + n, row[4]) for n, row in enumerate(rows)])
+            identity += sum(_value(row[4]) for row in rows)
+            self._set_identity(identity % _MODULUS)
+        return max(0, removed)
 
     def upsert(self, documents: Iterable[Document]) -> int:
         """Insert or replace documents in one transaction; returns how many were written."""
-        with self._lock:
-            (next_seq,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM documents").fetchone()
-            rows = [(d.id, d.title, d.text, next_seq + i) for i, d in enumerate(documents)]
-            with self._transaction():
-                self._db.executemany(_UPSERT, rows)
-            return len(rows)
+        latest = list({d.id: d for d in documents}.values())
+        self._write((), latest)
+        return len(latest)
 
     def delete(self, doc_ids: Sequence[str]) -> int:
         """Remove documents in one transaction; returns how many were stored."""
-        with self._lock, self._transaction():
-            cur = self._db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in doc_ids])
-            return cur.rowcount
+        return self._write(list(dict.fromkeys(doc_ids)), ())
 
     def restore(self, doc_ids: Sequence[str], previous: Mapping[str, Document]) -> None:
         """Put ``doc_ids`` back as they were: ``previous[id]`` where it has one, absent otherwise
         (one transaction; undoes a write an index refused)."""
-        with self._lock:
-            (next_seq,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM documents").fetchone()
-            gone = [(i,) for i in doc_ids if i not in previous]
-            rows = [(d.id, d.title, d.text, next_seq + n) for n, d in enumerate(previous.values())]
-            with self._transaction():
-                self._db.executemany("DELETE FROM documents WHERE id = ?", gone)
-                self._db.executemany(_UPSERT, rows)
+        self._write([i for i in doc_ids if i not in previous], list(previous.values()))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -218,7 +279,14 @@ class DocumentStore:
             return [r[0] for r in self._db.execute("SELECT id FROM documents ORDER BY seq")]
 
     def checksum(self) -> str:
-        """SHA-256 over (id, title, text) in id order: identifies the corpus an index was built from."""
+        """The corpus identity an index manifest records: ``ms1:`` + the sum modulo 2**256 of every
+        document's :func:`document_hash` (order-independent, kept up to date by every write; O(1))."""
+        with self._lock:
+            return f"{IDENTITY_PREFIX}{self._identity() or 0:064x}"
+
+    def legacy_checksum(self) -> str:
+        """The identity manifests recorded before ``ms1:`` (SHA-256 over (id, title, text) in id order;
+        a full scan): read only to accept an index built by an older version."""
         digest = hashlib.sha256()
         with self._lock:
             for doc_id, title, text in self._db.execute("SELECT id, title, text FROM documents ORDER BY id"):

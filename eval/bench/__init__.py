@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "ray-index": "streamrank.eval.bench.ray_index:run_ray_index_benchmark",
     "soak": "streamrank.eval.bench.soak:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
+    "writes": "streamrank.eval.bench.writes:run_writes_benchmark",
 }
 
 Benchmark = Callable[..., dict[str, Any]]

@@ -22,7 +22,6 @@ from index_support import (
 from streamrank.compose import load_pipeline
 from streamrank.index import manifest as mf
 from streamrank.index.bm25 import BM25Retriever
-from streamrank.index.dense import DenseRetriever
 from streamrank.models import MINILM
 from streamrank.types import Document
 
@@ -136,18 +135,25 @@ def test_failed_rebuild_leaves_the_old_index(
 def test_failed_update_is_not_half_applied(
     copy_dir: Path, minilm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from streamrank.index import dense_segments
+
     ctx = context_for(copy_dir, minilm)
     stage = dense(ctx)
     ctx.store.upsert([NEW_DOC])
 
-    def crash(self: DenseRetriever, folder: Path) -> None:
+    def torn(path: Path, payload: bytes, end: int) -> int:  # half a record reaches the disk, then it fills up
+        with open(path, "ab") as handle:
+            handle.write(payload[: len(payload) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(DenseRetriever, "_persist", crash)
+    monkeypatch.setattr(dense_segments, "append", torn)
     with pytest.raises(OSError, match="disk full"):
         stage.add([NEW_DOC])
     monkeypatch.undo()
-    assert NEW_DOC.id not in stage.indexed_ids() and len(stage.indexed_ids()) == N_DOCS
-    assert NEW_DOC.id not in search(stage, "axolotl limb regeneration")[0].doc_ids()
-    stage.add([NEW_DOC])  # and a retry works
+    for reader in (stage, dense(context_for(copy_dir, minilm))):  # this one and one opened afresh
+        assert NEW_DOC.id not in reader.indexed_ids() and len(reader.indexed_ids()) == N_DOCS
+        assert NEW_DOC.id not in search(reader, "axolotl limb regeneration")[0].doc_ids()
+    stage.add([NEW_DOC])  # and a retry works (the torn tail is cut off)
     assert search(stage, "axolotl limb regeneration")[0].candidates[0].doc_id == NEW_DOC.id
+    again = dense(context_for(copy_dir, minilm))
+    assert search(again, "axolotl limb regeneration")[0].candidates[0].doc_id == NEW_DOC.id
