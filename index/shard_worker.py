@@ -44,7 +44,7 @@ class ShardContext(PipelineContext):
             folder = shard_root(parent.require_index_dir("a sharded index"), shards) / str(shard)
         super().__init__(folder, corpus=parent.corpus, device=parent.device, factory=parent.factory)
         self.parent, self.shard, self.shard_count = parent, shard, shards  # self.shards stays 1: no nesting
-        self._cache, self._lock = parent._cache, parent._lock  # models are shared with the pipeline
+        self.share_models(parent)  # one encoder per process, however many shards
 
     @cached_property
     def store(self) -> ShardStore:  # type: ignore[override]
@@ -91,17 +91,13 @@ class ShardWorker:
     # ---- reading ------------------------------------------------------------------------------
     def search(self, rankings: Sequence[Ranking], prepared: Any, depth: int) -> list[list[tuple[str, float]]]:
         """The shard's best ``depth`` (doc id, score) per query; ``prepared`` is the coordinator's
-        ``_prepare`` output for these rankings (dense: the query vectors, encoded once for all shards)."""
-        stage = self.stage
-        stage._ensure_open()  # a missing index fails before any work
-        with stage.lock:
-            stage._ensure_open()
-            return stage._search(list(rankings), prepared, depth)
+        ``prepare`` output for these rankings (dense: the query vectors, encoded once for all shards)."""
+        return self.stage.search(list(rankings), prepared, depth)
 
     def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> tuple[list[list[float]], list[list[str]]]:
         """Scores of the supplied candidates (all owned by this shard) and the notes the stage added."""
         rankings = [Ranking(query=r.query, candidates=list(r.candidates)) for r in rankings]
-        scores = self.stage._score_pool(rankings, prepared)
+        scores = self.stage.score_pool(rankings, prepared)
         return scores, [r.notes for r in rankings]
 
     def indexed_ids(self) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from streamrank.errors import ConfigError
-from streamrank.index.base import _select
+from streamrank.index.base import run_retriever, select_prepared
 from streamrank.index.shard_worker import (
     LocalShardGroup,
     ShardContext,
@@ -43,7 +43,7 @@ from streamrank.index.shard_worker import (
 )
 from streamrank.index.sharded import merge_top_k, shard_of, split_by_shard
 from streamrank.stage import BaseStage, StageConfig
-from streamrank.types import Candidate, Document, Ranking
+from streamrank.types import Document, Ranking
 
 
 class ShardedConfig(StageConfig):
@@ -105,26 +105,21 @@ class ShardedRetriever(BaseStage):
         return self._run(rankings, max(1, min(k, self.depth)))
 
     def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
-        out = list(rankings)
-        empty = [i for i, r in enumerate(rankings) if not r.candidates]
-        pooled = [i for i, r in enumerate(rankings) if r.candidates]
-        prepared = self.template._prepare(rankings)
-        if empty:
-            queries = [Ranking(query=rankings[i].query) for i in empty]
-            found = self.search_hits(queries, _select(prepared, empty), depth)
-            for i, hits in zip(empty, found, strict=True):
-                fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(hits, start=1)]
-                out[i] = rankings[i].rescored(self.name, [s for _, s in hits], keep=depth, candidates=fresh)
-        if pooled:
-            scores = self._score_pools([rankings[i] for i in pooled], _select(prepared, pooled))
-            for i, pool_scores in zip(pooled, scores, strict=True):
-                out[i] = rankings[i].rescored(self.name, pool_scores, keep=self.depth)
-        return out
+        return run_retriever(self, rankings, depth, self.depth)
 
-    def search_hits(self, queries: Sequence[Ranking], prepared: Any, depth: int) -> list[list[tuple[str, float]]]:
-        """Scatter the queries to every shard, gather each shard's best ``depth`` and merge them."""
-        per_shard = self.group.call("search", {s: (list(queries), prepared, depth) for s in range(self.n)})
-        return [merge_top_k([per_shard[s][q] for s in range(self.n)], depth) for q in range(len(queries))]
+    # ---- the retriever protocol, over the shards ------------------------------------------------
+    def prepare(self, rankings: Sequence[Ranking]) -> Any:
+        """The retriever's own preparation, once for every shard (dense: the query vectors)."""
+        return self.template.prepare(rankings)
+
+    def search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
+        """Scatter the queries to every shard, gather each shard's best ``k`` and merge them."""
+        queries = [Ranking(query=r.query) for r in rankings]
+        per_shard = self.group.call("search", {s: (queries, prepared, k) for s in range(self.n)})
+        return [merge_top_k([per_shard[s][q] for s in range(self.n)], k) for q in range(len(queries))]
+
+    def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
+        return self._score_pools(rankings, prepared)
 
     def _score_pools(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
         """Each supplied candidate scored by its owning shard; scores back in the pool's order."""
@@ -133,7 +128,7 @@ class ShardedRetriever(BaseStage):
             for shard, cands in split_by_shard(ranking.candidates, self.n, key=lambda c: c.doc_id).items():
                 parts.setdefault(shard, []).append((n, Ranking(query=ranking.query, candidates=cands)))
         args = {
-            shard: ([sub for _, sub in items], _select(prepared, [n for n, _ in items]))
+            shard: ([sub for _, sub in items], select_prepared(prepared, [n for n, _ in items]))
             for shard, items in parts.items()
         }
         replies = self.group.call("score_pool", args)
