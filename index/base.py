@@ -127,9 +127,14 @@ class IndexedStage(BaseStage):
                 return
             manifest = mf.require_manifest(folder, self.config.kind)
             mf.check_settings(manifest, self.settings(), folder, self.AT_LEAST_SETTINGS)
-            self._release()
-            self._open(folder, manifest)
+            self._follow(folder, manifest)
             self._manifest, self._stamp = manifest, stamp
+
+    def _follow(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Move to the index ``manifest`` describes (first open, or another process wrote): reopen it.
+        An index with an append-only log overrides this to apply only what was appended."""
+        self._release()
+        self._open(folder, manifest)
 
     def _save_manifest(self, info: dict[str, Any], checksum: str | None) -> None:
         """Write the manifest (synced outside :attr:`lock`; swapped in and noted under it, so a search

@@ -538,8 +538,8 @@ def start_ray(ray_settings: RaySettings, **init: Any) -> None:
     options: dict[str, Any] = {"namespace": ray_settings.namespace, "include_dashboard": False}
     if ray_settings.address:
         options["address"] = ray_settings.address
-    else:
-        options["_node_ip_address"] = "127.0.0.1"
+    else:  # a head of its own: never join another cluster running on this machine by accident
+        options.update(address="local", _node_ip_address="127.0.0.1")
     options["runtime_env"] = {"env_vars": {k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
     ray.init(**{**options, **init})
 
