@@ -191,6 +191,8 @@ class RunResult:
     ranking: Ranking
     batch_size: int
     queue_ms: float
+    first: bool = True
+    """The first request of its batch (a front end that records batch metrics records them from it)."""
 
 
 class PipelineRunner:
@@ -210,8 +212,13 @@ class PipelineRunner:
         lock: ReadWriteLock,
         observer: BatchObserver | None = None,
         name: str = "",
+        run: Callable[..., list[Ranking]] | None = None,
     ) -> None:
+        """``run``: what runs a batch, with ``Pipeline.run``'s keywords (default ``pipeline.run``; the Ray
+        back end passes one that retries a read caught between index generations, or hands the batch on
+        to a reranker deployment after the first stage)."""
         self.pipeline = pipeline
+        self._pipeline_run = run or pipeline.run
         self.max_batch = max_batch
         self.window_s = window_s
         self.lock = lock
@@ -241,7 +248,7 @@ class PipelineRunner:
         except TimeoutError:
             result = await self._fallback(job)
         queue_ms = ((job.started or time.monotonic()) - job.enqueued) * 1000.0
-        return RunResult(ranking=result, batch_size=job.batch_size or 1, queue_ms=queue_ms)
+        return RunResult(ranking=result, batch_size=job.batch_size or 1, queue_ms=queue_ms, first=job.index == 0)
 
     async def _fallback(self, job: Job) -> Ranking:
         if job.progress is not None:
@@ -309,7 +316,7 @@ class PipelineRunner:
 
         def run(rankings: list[Ranking], k: int | None, deadline: float | None, fused: bool) -> list[Ranking]:
             with self.lock.read():
-                return self.pipeline.run(rankings, k=k, deadline=deadline, on_stage=progress.update if fused else None)
+                return self._pipeline_run(rankings, k=k, deadline=deadline, on_stage=progress.update if fused else None)
 
         outcomes = run_fused(run, [(j.ranking, j.k, j.deadline) for j in batch])
         done = next((o for o in outcomes if not isinstance(o, Exception)), None)

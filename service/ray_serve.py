@@ -11,11 +11,14 @@ awaited handle call (:mod:`streamrank.service.ray_calls`):
 - ``writer`` (exactly one replica): loads the pipelines, owns the document store and applies every
   write: the store first (fsynced), then each index (shards included), acknowledged after both. It
   publishes each write as a new index generation (the index manifests); readers follow it.
-- ``pipeline-<name>`` (one per served pipeline): replicas that each load the pipeline read only and run
-  requests fused by ``serve.batch`` through :func:`~streamrank.service.batching.run_fused`, the
-  in-process batcher's function, with the service's bounds (:class:`BatchPolicy`). A replica reopens
-  an index whose manifest changed before it searches, so an acknowledged write is seen by the next
-  search on every replica.
+- ``pipeline-<name>`` (one per served pipeline): replicas that each load the pipeline read only and
+  batch requests with the in-process service's own batcher (:class:`PipelineRunner`, with
+  :func:`~streamrank.service.batching.run_fused` and the service's bounds). ``serve.batch`` is not used:
+  it forms the next batch while the previous one still runs (before its concurrency slot is free), so
+  under load its batches stay at what arrives within one window (1.5 requests at 32 clients here);
+  the runner forms a batch once a worker is free, from everything that queued meanwhile. A replica
+  follows the index generations the writer publishes before it searches, so an acknowledged write is
+  seen by the next search on every replica.
 - ``rerank-<name>`` (pipelines whose placement has ``rerankers = {...}``): the stages from the first
   reranker on, in replicas of their own; the ``pipeline-<name>`` replicas run the stages before it.
 - ``shard-<name>-<i>`` (pipelines with ``shards = N``): :mod:`streamrank.service.ray_shards`; the
@@ -47,9 +50,10 @@ from streamrank.service.app import create_app
 from streamrank.service.batching import (
     BatchObserver,
     BatchPolicy,
+    PipelineRunner,
+    ReadWriteLock,
     RunResult,
     ServiceUnavailable,
-    run_fused,
     warm_up,
 )
 from streamrank.service.metrics import Metrics
@@ -78,7 +82,7 @@ class Reply:
 
     ranking: Ranking | None
     batch_size: int
-    run_ms: float
+    queue_ms: float
     first: bool
     """The first request of its batch: the ingress records the batch's metrics once, from it."""
     error: Raised | None = None
@@ -115,8 +119,9 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class PipelineReplica:
-    """A replica of ``pipeline-<name>``: the pipeline loaded read only, requests run in ``serve.batch``
-    batches by :func:`run_fused`.
+    """A replica of ``pipeline-<name>``: the pipeline loaded read only; requests batched by the service's
+    own :class:`PipelineRunner` (the in-process batcher: a batch is formed when a worker is free, so under
+    load it takes everything that queued meanwhile; deadlines give the last finished stage's ranking).
 
     ``rerankers`` (a handle of ``rerank-<name>``): run the stages before ``split`` here and the rest
     there. ``shards`` (handles of ``shard-<name>-<i>``): every sharded stage scatters to them."""
@@ -136,24 +141,31 @@ class PipelineReplica:
         self.loop: asyncio.AbstractEventLoop | None = None
         sharded = [stage for stage in self.pipeline.iter_stages() if isinstance(stage, ShardedRetriever)]
         for stage in sharded:
-                if not shards or len(shards) != stage.n:
-                    raise ServiceUnavailable(f"pipeline {self.pipeline.name!r}: stage {stage.name!r} has no shard deployments")
-                stage.serve_shards(
-                    ServeShardGroup(stage.spec, shards, self._loop, pipeline=self.pipeline.name, timeout_s=self.timeout_s)
-                )
+            if not shards or len(shards) != stage.n:
+                raise ServiceUnavailable(f"pipeline {self.pipeline.name!r}: stage {stage.name!r} has no shard deployments")
+            stage.serve_shards(
+                ServeShardGroup(stage.spec, shards, self._loop, pipeline=self.pipeline.name, timeout_s=self.timeout_s)
+            )
         self.policy = BatchPolicy.of(s)
-        self.warm = s.warmup
-        batch = serve.batch(
-            max_batch_size=self.policy.max_batch,
-            batch_wait_timeout_s=self.policy.window_s,
-            max_concurrent_batches=self.policy.workers,
-        )
-        self._search = batch(self._run_batch)
-        self._rerank = batch(self._run_batch)
+        self.runners: dict[str, PipelineRunner] = {}
+        self.lock = ReadWriteLock()  # nothing writes here: the writer deployment does
+        self.warm = s.warmup and bool(sharded)  # sharded: warmed by ready() (the shard calls need the event loop)
+        if s.warmup and not sharded:
+            warm_up(self.pipeline, slice(0, split) if rerankers is not None else None)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         assert self.loop is not None, "the replica's event loop is known once a request came in"
         return self.loop
+
+    def _runner(self, kind: str) -> PipelineRunner:
+        """The batcher of ``kind`` (search or rerank), made on the replica's event loop at first use."""
+        self.loop = asyncio.get_running_loop()
+        if kind not in self.runners:
+            self.runners[kind] = PipelineRunner(
+                self.pipeline, max_batch=self.policy.max_batch, window_s=self.policy.window_s,
+                workers=self.policy.workers, lock=self.lock, name=f"{self.pipeline.name}-{kind}", run=self._run,
+            )
+        return self.runners[kind]
 
     async def ready(self) -> bool:
         """Warm the pipeline (models loaded, indexes and shards open) before traffic; called by the ingress."""
@@ -165,37 +177,29 @@ class PipelineReplica:
         return True
 
     async def search(self, ranking: Ranking, k: int | None, remaining_s: float | None) -> Reply:
-        self.loop = asyncio.get_running_loop()
-        return await self._search((ranking, k, _deadline(remaining_s)))
+        return await self._rank("search", ranking, k, remaining_s)
 
     async def rerank(self, ranking: Ranking, k: int | None, remaining_s: float | None) -> Reply:
-        self.loop = asyncio.get_running_loop()
-        return await self._rerank((ranking, k, _deadline(remaining_s)))
+        return await self._rank("rerank", ranking, k, remaining_s)
+
+    async def _rank(self, kind: str, ranking: Ranking, k: int | None, remaining_s: float | None) -> Reply:
+        try:
+            result = await self._runner(kind).run(ranking, k=k, deadline=_deadline(remaining_s))
+        except Exception as exc:  # sent back by type (wire.Raised)
+            return Reply(ranking=None, batch_size=0, queue_ms=0.0, first=False, error=Raised.of(exc))
+        return Reply(ranking=result.ranking, batch_size=result.batch_size, queue_ms=result.queue_ms, first=result.first)
 
     def batch_bounds(self) -> dict[str, float]:
-        """The bounds ``serve.batch`` runs with here (for tests and operators)."""
+        """The bounds this replica batches with (for tests and operators)."""
         return {"max_batch": self.policy.max_batch, "window_s": self.policy.window_s, "workers": self.policy.workers}
 
-    async def _run_batch(self, items: list[tuple[Ranking, int | None, float | None]]) -> list[Reply]:
-        started = time.perf_counter()
-        outcomes = await asyncio.to_thread(run_fused, self._run, items)
-        run_ms = (time.perf_counter() - started) * 1000.0
-        return [
-            Reply(
-                ranking=None if isinstance(o, Exception) else o,
-                batch_size=len(items),
-                run_ms=run_ms,
-                first=n == 0,
-                error=Raised.of(o) if isinstance(o, Exception) else None,
-            )
-            for n, o in enumerate(outcomes)
-        ]
-
-    def _run(self, rankings: list[Ranking], k: int | None, deadline: float | None, fused: bool) -> list[Ranking]:
-        """In a worker thread: the pipeline (or its first stage, then the reranker deployment) over ``rankings``."""
+    def _run(self, rankings: list[Ranking], **options: Any) -> list[Ranking]:
+        """In a worker thread: the pipeline over one batch (``Pipeline.run``'s keywords), or its first
+        stage here and the rest in the reranker deployment."""
         if self.rerankers is None:
-            return read_consistent(lambda: self.pipeline.run(rankings, k=k, deadline=deadline))
-        first = read_consistent(lambda: self.pipeline.run(rankings, k=None, deadline=deadline, stages=slice(0, self.split)))
+            return read_consistent(lambda: self.pipeline.run(rankings, **options))
+        k, deadline = options.pop("k", None), options.get("deadline")
+        first = read_consistent(lambda: self.pipeline.run(rankings, stages=slice(0, self.split), **options))
         what = f"the rerankers of pipeline {self.pipeline.name!r}"
         send = partial(self.rerankers.run.remote, first, k, _remaining(deadline))
         return asyncio.run_coroutine_threadsafe(call(send, what, timeout_s=self.timeout_s), self._loop()).result()
@@ -298,7 +302,6 @@ class RayRunner:
         self.handle, self.kind, self.observer, self.what, self.timeout_s = handle, kind, observer, what, timeout_s
 
     async def run(self, ranking: Ranking, *, k: int | None, deadline: float | None) -> RunResult:
-        started = time.monotonic()
         method = getattr(self.handle, self.kind)
         reply: Reply = await call(lambda: method.remote(ranking, k, _remaining(deadline)), self.what, timeout_s=self.timeout_s)
         if reply.error is not None:
@@ -306,8 +309,7 @@ class RayRunner:
         assert reply.ranking is not None
         if reply.first and self.observer is not None:
             self.observer(reply.batch_size, reply.ranking.timings_ms)
-        queue_ms = max(0.0, (time.monotonic() - started) * 1000.0 - reply.run_ms)
-        return RunResult(ranking=reply.ranking, batch_size=reply.batch_size, queue_ms=queue_ms)
+        return RunResult(ranking=reply.ranking, batch_size=reply.batch_size, queue_ms=reply.queue_ms, first=reply.first)
 
     async def close(self) -> None:
         """Nothing to stop here: the replicas belong to Serve."""
