@@ -44,6 +44,8 @@ def synthetic_corpus(folder: Path, size: int, seed: int = 7) -> Path:
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16)))
             out.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
     (folder / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "vitamin bone fracture"}) + "\n")
+    (folder / "qrels").mkdir(exist_ok=True)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
     return folder
 
 

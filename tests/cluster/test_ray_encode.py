@@ -26,6 +26,8 @@ def beir_folder(folder: Path, docs: list[Document]) -> Path:
     lines = [json.dumps({"_id": d.id, "title": d.title, "text": d.text, "metadata": {}}) for d in docs]
     (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "a query"}) + "\n")
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\t{docs[0].id}\t1\n")
     return folder
 
 
