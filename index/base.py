@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import Field
 
@@ -127,9 +127,14 @@ class IndexedStage(BaseStage):
                 return
             manifest = mf.require_manifest(folder, self.config.kind)
             mf.check_settings(manifest, self.settings(), folder, self.AT_LEAST_SETTINGS)
-            self._release()
-            self._open(folder, manifest)
+            self._follow(folder, manifest)
             self._manifest, self._stamp = manifest, stamp
+
+    def _follow(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Move to the index ``manifest`` describes (first open, or another process wrote): reopen it.
+        An index with an append-only log overrides this to apply only what was appended."""
+        self._release()
+        self._open(folder, manifest)
 
     def _save_manifest(self, info: dict[str, Any], checksum: str | None) -> None:
         """Write the manifest (synced outside :attr:`lock`; swapped in and noted under it, so a search
@@ -295,12 +300,28 @@ class IndexedRetriever(IndexedStage):
         return None
 
     def _search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
-        """Best ``k`` (doc id, score) per query from the index, best first."""
+        """Best ``k`` (doc id, score) per query from the open index, best first."""
         raise NotImplementedError
 
     def _score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
         """One score per supplied candidate, per ranking (may add notes to the rankings)."""
         raise NotImplementedError
+
+    # ---- the retriever protocol (what sharding calls, here and in a shard's process) ------------
+    def prepare(self, rankings: Sequence[Ranking]) -> Any:
+        """Work shared by every shard and both halves of a batch (dense: the query vectors)."""
+        return self._prepare(rankings)
+
+    def search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
+        """Best ``k`` (doc id, score) per query, best first; the index (re)opened first if it changed."""
+        self._ensure_open()
+        with self.lock:
+            self._ensure_open()
+            return self._search(rankings, prepared, k)
+
+    def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
+        """One score per supplied candidate, per ranking (may add notes to the rankings)."""
+        return self._score_pool(rankings, prepared)
 
     # ---- retrieval ----------------------------------------------------------------------------
     def run(self, rankings: Sequence[Ranking]) -> list[Ranking]:
@@ -312,29 +333,43 @@ class IndexedRetriever(IndexedStage):
         return self._run(rankings, max(1, min(k, self.config.k)))
 
     def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
-        out = list(rankings)
-        empty = [i for i, r in enumerate(rankings) if not r.candidates]
-        pooled = [i for i, r in enumerate(rankings) if r.candidates]
-        if empty:
+        if any(not r.candidates for r in rankings):
             self._ensure_open()  # a missing index fails before any model work
-        prepared = self._prepare(rankings)
-        if empty:
-            with self.lock:
-                self._ensure_open()
-                hits = self._search([rankings[i] for i in empty], _select(prepared, empty), depth)
-            for i, found in zip(empty, hits, strict=True):
-                fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(found, start=1)]
-                out[i] = rankings[i].rescored(
-                    self.name, [s for _, s in found], keep=depth, candidates=fresh
-                )
-        if pooled:
-            scores = self._score_pool([rankings[i] for i in pooled], _select(prepared, pooled))
-            for i, pool_scores in zip(pooled, scores, strict=True):
-                out[i] = rankings[i].rescored(self.name, pool_scores, keep=self.config.k)
-        return out
+        return run_retriever(self, rankings, depth, self.config.k)
 
 
-def _select(prepared: Any, positions: list[int]) -> Any:
+class Retriever(Protocol):
+    """What :func:`run_retriever` (and a sharded stage, over its shards) calls on a retriever."""
+
+    name: str
+
+    def prepare(self, rankings: Sequence[Ranking]) -> Any: ...
+
+    def search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]: ...
+
+    def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]: ...
+
+
+def run_retriever(retriever: Retriever, rankings: Sequence[Ranking], depth: int, keep: int) -> list[Ranking]:
+    """The one retrieval step of every retriever, sharded or not: queries prepared once, empty rankings
+    searched ``depth`` deep, supplied pools rescored exactly (``keep`` of them kept)."""
+    out = list(rankings)
+    empty = [i for i, r in enumerate(rankings) if not r.candidates]
+    pooled = [i for i, r in enumerate(rankings) if r.candidates]
+    prepared = retriever.prepare(rankings)
+    if empty:
+        hits = retriever.search([rankings[i] for i in empty], select_prepared(prepared, empty), depth)
+        for i, found in zip(empty, hits, strict=True):
+            fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(found, start=1)]
+            out[i] = rankings[i].rescored(retriever.name, [s for _, s in found], keep=depth, candidates=fresh)
+    if pooled:
+        scores = retriever.score_pool([rankings[i] for i in pooled], select_prepared(prepared, pooled))
+        for i, pool_scores in zip(pooled, scores, strict=True):
+            out[i] = rankings[i].rescored(retriever.name, pool_scores, keep=keep)
+    return out
+
+
+def select_prepared(prepared: Any, positions: list[int]) -> Any:
     """The rows of a per-query ``prepared`` array/list for the given batch positions (None stays None)."""
     if prepared is None:
         return None

@@ -328,6 +328,25 @@ class DenseRetriever(IndexedRetriever):
     def _release(self) -> None:
         self._state = None
 
+    def _follow(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Follow another process's writes: within the same build and generation, apply the log records
+        appended since (no file is read again); a rebuild or a compacted generation is opened anew."""
+        from streamrank.index.dense_segments import catch_up, paths
+
+        state, known = self._state, self._manifest or {}
+        info = manifest.get("info", {})
+        same = (
+            state is not None
+            and manifest.get("created") == known.get("created")
+            and str(info.get("generation", "")) == state.generation
+            and int(info.get("log_bytes", 0)) >= state.log_end
+        )
+        if not same:
+            super()._follow(folder, manifest)
+            return
+        assert state is not None
+        catch_up(state, paths(folder, state.generation)["log"])
+
     # ---- updates ------------------------------------------------------------------------------
     @contextmanager
     def supply_embeddings(self, vectors: Mapping[str, np.ndarray]) -> Iterator[None]:

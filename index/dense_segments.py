@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streamrank.errors import IndexMismatchError
+from streamrank.errors import IndexInconsistent
 from streamrank.index import manifest as mf
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def write_generation(folder: Path, generation: str, index: Any, ids: Sequence[st
 def read_generation(folder: Path, manifest: dict[str, Any]) -> DenseState:
     """The state a manifest names: its generation's files, then its log replayed.
 
-    IndexMismatchError when the base files disagree in row count (an interrupted write of an older version).
+    IndexInconsistent (an IndexMismatchError) when the base files disagree in row count (an interrupted write of an older version).
     """
     import faiss
     import numpy as np
@@ -299,7 +299,7 @@ def read_generation(folder: Path, manifest: dict[str, Any]) -> DenseState:
     emb = np.load(files["embeddings"])
     rows = info.get("base_rows", info.get("rows"))
     if not (len(ids) == emb.shape[0] == index.ntotal == (rows if rows is not None else len(ids))):
-        raise IndexMismatchError(
+        raise IndexInconsistent(
             f"the dense index at {folder} is inconsistent (ids {len(ids)}, embeddings {emb.shape[0]}, "
             f"FAISS rows {index.ntotal}, manifest {rows}): an update was interrupted; {mf.REBUILD_HINT}"
         )

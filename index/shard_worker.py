@@ -7,15 +7,15 @@ view of the pipeline's store) and the calls a sharded stage makes: ``search``, `
 records (rankings, arrays, documents), so the same worker runs in process (:class:`LocalShardGroup`)
 or inside an actor of a cluster front end.
 
-A front end that serves shards elsewhere (the Ray actors of ``streamrank.service.ray_shards``)
-installs a factory with :func:`use_shard_backend`; every sharded stage built afterwards in that
-process scatters through it. Without one, shards run in process.
+Shards run in process (:class:`LocalShardGroup`) unless a front end hands a sharded stage another
+group explicitly (``ShardedRetriever.serve_shards``: the Serve deployments of
+``streamrank.service.ray_shards``); there is no process-wide switch.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,7 +44,7 @@ class ShardContext(PipelineContext):
             folder = shard_root(parent.require_index_dir("a sharded index"), shards) / str(shard)
         super().__init__(folder, corpus=parent.corpus, device=parent.device, factory=parent.factory)
         self.parent, self.shard, self.shard_count = parent, shard, shards  # self.shards stays 1: no nesting
-        self._cache, self._lock = parent._cache, parent._lock  # models are shared with the pipeline
+        self.share_models(parent)  # one encoder per process, however many shards
 
     @cached_property
     def store(self) -> ShardStore:  # type: ignore[override]
@@ -91,17 +91,13 @@ class ShardWorker:
     # ---- reading ------------------------------------------------------------------------------
     def search(self, rankings: Sequence[Ranking], prepared: Any, depth: int) -> list[list[tuple[str, float]]]:
         """The shard's best ``depth`` (doc id, score) per query; ``prepared`` is the coordinator's
-        ``_prepare`` output for these rankings (dense: the query vectors, encoded once for all shards)."""
-        stage = self.stage
-        stage._ensure_open()  # a missing index fails before any work
-        with stage.lock:
-            stage._ensure_open()
-            return stage._search(list(rankings), prepared, depth)
+        ``prepare`` output for these rankings (dense: the query vectors, encoded once for all shards)."""
+        return self.stage.search(list(rankings), prepared, depth)
 
     def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> tuple[list[list[float]], list[list[str]]]:
         """Scores of the supplied candidates (all owned by this shard) and the notes the stage added."""
         rankings = [Ranking(query=r.query, candidates=list(r.candidates)) for r in rankings]
-        scores = self.stage._score_pool(rankings, prepared)
+        scores = self.stage.score_pool(rankings, prepared)
         return scores, [r.notes for r in rankings]
 
     def indexed_ids(self) -> list[str]:
@@ -175,23 +171,6 @@ class LocalShardGroup:
             worker.close()
 
 
-ShardBackend = Callable[[ShardSpec], ShardGroup]
-_backend: ShardBackend | None = None
-
-
-def use_shard_backend(backend: ShardBackend | None) -> ShardBackend | None:
-    """Serve the shards of stages built from now on in this process through ``backend`` (None: in
-    process); returns the previous one."""
-    global _backend
-    previous, _backend = _backend, backend
-    return previous
-
-
-def shard_group(spec: ShardSpec) -> ShardGroup:
-    """The group the installed backend makes for ``spec`` (in process when none is installed)."""
-    return (_backend or LocalShardGroup)(spec)
-
-
 def stage_key(options: dict[str, Any], shards: int) -> str:
     """A name for the sharded stage that is the same in every process (for actor lookups)."""
     import json
@@ -205,8 +184,6 @@ __all__ = [
     "ShardGroup",
     "ShardSpec",
     "ShardWorker",
-    "shard_group",
     "shard_root",
     "stage_key",
-    "use_shard_backend",
 ]

@@ -19,8 +19,8 @@ shards one stage alone::
 - **Supplied pools** are split by owner shard and each part scored there.
 - **Writes** go to the owning shard only (a replaced id is replaced where it lives); dense vectors
   of new documents are encoded once here and handed to the shard. ``indexed_ids`` is the union.
-- **Where shards run**: in process by default; a front end can serve them elsewhere (Ray actors,
-  ``streamrank.index.shard_worker.use_shard_backend``).
+- **Where shards run**: in process by default; a front end hands the stage another group with
+  :meth:`ShardedRetriever.serve_shards` (the Ray Serve shard deployments).
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from typing import Any
 from pydantic import Field
 
 from streamrank.errors import ConfigError
-from streamrank.index.base import _select
+from streamrank.index.base import run_retriever, select_prepared
 from streamrank.index.shard_worker import (
+    LocalShardGroup,
     ShardContext,
     ShardGroup,
     ShardSpec,
-    shard_group,
     shard_root,
     stage_key,
 )
 from streamrank.index.sharded import merge_top_k, shard_of, split_by_shard
 from streamrank.stage import BaseStage, StageConfig
-from streamrank.types import Candidate, Document, Ranking
+from streamrank.types import Document, Ranking
 
 
 class ShardedConfig(StageConfig):
@@ -75,12 +75,22 @@ class ShardedRetriever(BaseStage):
         self._supplied: Mapping[str, Any] | None = None
 
     @property
+    def spec(self) -> ShardSpec:
+        """What a group serving this stage's shards needs (the same key in every process)."""
+        return ShardSpec(key=stage_key(self.options, self.n), options=self.options, shards=self.n, context=self.context)
+
+    @property
     def group(self) -> ShardGroup:
-        """The shards (made on first use, through the backend installed in this process then)."""
+        """The shards: the group handed to :meth:`serve_shards`, else every shard in this process (made on first use)."""
         if self._group is None:
-            spec = ShardSpec(key=stage_key(self.options, self.n), options=self.options, shards=self.n, context=self.context)
-            self._group = shard_group(spec)
+            self._group = LocalShardGroup(self.spec)
         return self._group
+
+    def serve_shards(self, group: ShardGroup) -> None:
+        """Scatter to ``group`` from now on (shards served elsewhere); the previous group is closed."""
+        if self._group is not None:
+            self._group.close()
+        self._group = group
 
     @property
     def encodes_documents(self) -> bool:
@@ -95,26 +105,21 @@ class ShardedRetriever(BaseStage):
         return self._run(rankings, max(1, min(k, self.depth)))
 
     def _run(self, rankings: Sequence[Ranking], depth: int) -> list[Ranking]:
-        out = list(rankings)
-        empty = [i for i, r in enumerate(rankings) if not r.candidates]
-        pooled = [i for i, r in enumerate(rankings) if r.candidates]
-        prepared = self.template._prepare(rankings)
-        if empty:
-            queries = [Ranking(query=rankings[i].query) for i in empty]
-            found = self.search_hits(queries, _select(prepared, empty), depth)
-            for i, hits in zip(empty, found, strict=True):
-                fresh = [Candidate(doc_id=d, score=s, rank=r) for r, (d, s) in enumerate(hits, start=1)]
-                out[i] = rankings[i].rescored(self.name, [s for _, s in hits], keep=depth, candidates=fresh)
-        if pooled:
-            scores = self._score_pools([rankings[i] for i in pooled], _select(prepared, pooled))
-            for i, pool_scores in zip(pooled, scores, strict=True):
-                out[i] = rankings[i].rescored(self.name, pool_scores, keep=self.depth)
-        return out
+        return run_retriever(self, rankings, depth, self.depth)
 
-    def search_hits(self, queries: Sequence[Ranking], prepared: Any, depth: int) -> list[list[tuple[str, float]]]:
-        """Scatter the queries to every shard, gather each shard's best ``depth`` and merge them."""
-        per_shard = self.group.call("search", {s: (list(queries), prepared, depth) for s in range(self.n)})
-        return [merge_top_k([per_shard[s][q] for s in range(self.n)], depth) for q in range(len(queries))]
+    # ---- the retriever protocol, over the shards ------------------------------------------------
+    def prepare(self, rankings: Sequence[Ranking]) -> Any:
+        """The retriever's own preparation, once for every shard (dense: the query vectors)."""
+        return self.template.prepare(rankings)
+
+    def search(self, rankings: Sequence[Ranking], prepared: Any, k: int) -> list[list[tuple[str, float]]]:
+        """Scatter the queries to every shard, gather each shard's best ``k`` and merge them."""
+        queries = [Ranking(query=r.query) for r in rankings]
+        per_shard = self.group.call("search", {s: (queries, prepared, k) for s in range(self.n)})
+        return [merge_top_k([per_shard[s][q] for s in range(self.n)], k) for q in range(len(queries))]
+
+    def score_pool(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
+        return self._score_pools(rankings, prepared)
 
     def _score_pools(self, rankings: Sequence[Ranking], prepared: Any) -> list[list[float]]:
         """Each supplied candidate scored by its owning shard; scores back in the pool's order."""
@@ -123,7 +128,7 @@ class ShardedRetriever(BaseStage):
             for shard, cands in split_by_shard(ranking.candidates, self.n, key=lambda c: c.doc_id).items():
                 parts.setdefault(shard, []).append((n, Ranking(query=ranking.query, candidates=cands)))
         args = {
-            shard: ([sub for _, sub in items], _select(prepared, [n for n, _ in items]))
+            shard: ([sub for _, sub in items], select_prepared(prepared, [n for n, _ in items]))
             for shard, items in parts.items()
         }
         replies = self.group.call("score_pool", args)

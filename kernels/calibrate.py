@@ -85,7 +85,7 @@ class GramCollector:
     def _hook(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
         # The tensor is kept in the cache, so its address cannot be reused by another one meanwhile.
-        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version)
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version)  # noqa: SLF001 (torch's in-place version counter: no public name)
         hit = self._shared.get(key)
         if hit is None:
             rows = x

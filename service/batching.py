@@ -64,6 +64,46 @@ def _largest(values: Sequence[float | None]) -> float | None:
     return max(v for v in values if v is not None)
 
 
+Request = tuple[Ranking, int | None, float | None]
+"""One request of a batch: its ranking, its own ``k`` and its deadline (a ``time.monotonic()`` value)."""
+RunRankings = Callable[[list[Ranking], int | None, float | None, bool], list[Ranking]]
+"""``run(rankings, k, deadline, fused)``: the pipeline (or part of it) over ``rankings``."""
+
+
+def run_fused(run: RunRankings, requests: Sequence[Request]) -> list[Ranking | Exception]:
+    """Run a batch as one fused call (the largest ``k``, the latest deadline); if that fails, each request
+    alone, so the culprit fails and the others do not. Each request's result is cut to its own ``k``.
+
+    The one batch runner of the service: the in-process :class:`PipelineRunner` and the Ray pipeline
+    replicas (``serve.batch``) both call it."""
+    k = _largest([r[1] for r in requests])
+    try:
+        results = run([r[0] for r in requests], None if k is None else int(k), _largest([r[2] for r in requests]), True)
+    except Exception as exc:
+        if len(requests) == 1:
+            return [exc]
+        log.warning("a batch of %d failed; running its requests one by one", len(requests), exc_info=True)
+        out: list[Ranking | Exception] = []
+        for ranking, own_k, deadline in requests:
+            try:
+                out.append(run([ranking], own_k, deadline, False)[0])
+            except Exception as alone:  # returned to this request only
+                out.append(alone)
+        return out
+    return [r.top_k(own_k) if own_k is not None else r for r, (_, own_k, _) in zip(results, requests, strict=True)]
+
+
+def warm_up(pipeline: Pipeline, stages: slice | None = None) -> None:
+    """One tiny request through ``stages`` of the pipeline (all by default), so models are loaded and
+    indexes open before traffic comes: a search when the run starts at an indexed first stage, else a rerank."""
+    from streamrank.pipeline import as_query, candidate_pool
+
+    if pipeline.context.index_dir is not None and (stages is None or stages.start in (None, 0)):
+        pipeline.run([Ranking(query=as_query("warm up"))], k=1, stages=stages)
+    else:
+        pipeline.run([candidate_pool("warm up", ["warm up"])], k=1, stages=stages)
+
+
 class ServiceUnavailable(Exception):
     """The service cannot answer now: still loading, failed to load, or shutting down (HTTP 503)."""
 
@@ -151,6 +191,8 @@ class RunResult:
     ranking: Ranking
     batch_size: int
     queue_ms: float
+    first: bool = True
+    """The first request of its batch (a front end that records batch metrics records them from it)."""
 
 
 class PipelineRunner:
@@ -170,8 +212,13 @@ class PipelineRunner:
         lock: ReadWriteLock,
         observer: BatchObserver | None = None,
         name: str = "",
+        run: Callable[..., list[Ranking]] | None = None,
     ) -> None:
+        """``run``: what runs a batch, with ``Pipeline.run``'s keywords (default ``pipeline.run``; the Ray
+        back end passes one that retries a read caught between index generations, or hands the batch on
+        to a reranker deployment after the first stage)."""
         self.pipeline = pipeline
+        self._pipeline_run = run or pipeline.run
         self.max_batch = max_batch
         self.window_s = window_s
         self.lock = lock
@@ -201,7 +248,7 @@ class PipelineRunner:
         except TimeoutError:
             result = await self._fallback(job)
         queue_ms = ((job.started or time.monotonic()) - job.enqueued) * 1000.0
-        return RunResult(ranking=result, batch_size=job.batch_size or 1, queue_ms=queue_ms)
+        return RunResult(ranking=result, batch_size=job.batch_size or 1, queue_ms=queue_ms, first=job.index == 0)
 
     async def _fallback(self, job: Job) -> Ranking:
         if job.progress is not None:
@@ -265,31 +312,17 @@ class PipelineRunner:
             self._slots.release()
 
     def _run_batch(self, batch: list[Job], progress: Progress) -> list[Ranking | Exception]:
-        """In a worker thread: one fused pipeline call; if it fails, each request alone (isolates the culprit)."""
-        k = _largest([j.k for j in batch])
-        try:
-            with self.lock.read():
-                results = self.pipeline.run(
-                    [j.ranking for j in batch],
-                    k=None if k is None else int(k),
-                    deadline=_largest([j.deadline for j in batch]),
-                    on_stage=progress.update,
-                )
-        except Exception:
-            if len(batch) == 1:
-                raise
-            log.warning("a batch of %d failed; running its requests one by one", len(batch), exc_info=True)
-            return [self._run_alone(job) for job in batch]
-        if self.observer is not None and results:
-            self.observer(len(batch), results[0].timings_ms)
-        return [r.top_k(j.k) if j.k is not None else r for r, j in zip(results, batch, strict=True)]
+        """In a worker thread: :func:`run_fused` under the read lock (the fused call reports its stages)."""
 
-    def _run_alone(self, job: Job) -> Ranking | Exception:
-        try:
+        def run(rankings: list[Ranking], k: int | None, deadline: float | None, fused: bool) -> list[Ranking]:
             with self.lock.read():
-                return self.pipeline.run([job.ranking], k=job.k, deadline=job.deadline)[0]
-        except Exception as exc:  # returned to this request only
-            return exc
+                return self._pipeline_run(rankings, k=k, deadline=deadline, on_stage=progress.update if fused else None)
+
+        outcomes = run_fused(run, [(j.ranking, j.k, j.deadline) for j in batch])
+        done = next((o for o in outcomes if not isinstance(o, Exception)), None)
+        if self.observer is not None and done is not None:
+            self.observer(len(batch), done.timings_ms)
+        return outcomes
 
     async def close(self) -> None:
         """Stop taking batches, fail queued requests with 503, and wait for running model calls."""

@@ -1,85 +1,132 @@
-"""``streamrank index --ray``: the corpus encoded with Ray Data, then the indexes written as usual.
+"""``streamrank index --ray``: the corpus streamed through Ray Data, vectors written by the workers.
 
-Every dense stage of the pipeline (sharded or not) whose index is missing (or ``--rebuild``) gets its
-document vectors from ``Dataset.map_batches`` over actors (:class:`EncodeBatch`) that each load the
-encoder once, built from the stage's own options, so prompts, prefixes, dtype and low-rank
-compression are the local path's. The vectors are then handed to the stage
-(``supply_embeddings``) and ``Pipeline.index`` writes the index or the shards without encoding.
-The store, BM25 and the other indexes are built in this process as ``streamrank index`` builds them.
+For every dense stage of the pipeline (sharded or not) whose index is missing (or ``--rebuild``):
 
-Vectors equal the local path's up to float rounding: the encoder sees batches of another
-composition (length-bucketed within each Ray block instead of over the whole corpus), so the
-padded lengths differ; ``tests/cluster/test_ray_encode.py`` reports the largest difference.
+1. ``ray.data.read_json`` streams the corpus file (BEIR ``corpus.jsonl``; one record ->
+   :func:`~streamrank.datasets.formats.beir_document`).
+2. ``map_batches`` on an actor pool (:class:`EncodeBatch`, ``num_gpus`` when asked) encodes each
+   batch with the stage's own encoder, built from its options (prompts, prefixes, dtype, low-rank
+   compression as the local path has them).
+3. ``map_batches`` (:func:`write_parts`) writes each batch's vectors, split by owning shard, as
+   ``.npz`` parts under ``<index_dir>/.ray-vectors/<stage>/<shard>/``; only row counts come back.
+4. One Ray task per shard (or one for an unsharded index) builds that index from its parts
+   (:func:`build_from_parts`), in the worker.
+
+The driver never holds the corpus or its vectors: it streams the corpus into the store in chunks,
+sees row counts, and builds the other stages (BM25...) as ``streamrank index`` does, so its memory stays
+flat as the corpus grows (``streamrank bench ray-index`` measures it).
+
+Vectors equal the local path's up to float rounding (batches of another composition pad to other
+lengths); ``tests/cluster/test_ray_encode.py`` reports the largest difference.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from streamrank.pipeline import Pipeline
-from streamrank.types import Document
 
 log = logging.getLogger("streamrank.service.ray")
+STORE_CHUNK = 2000
+"""Documents per store transaction while the driver streams the corpus into the store."""
 
 
 class EncodeBatch:
-    """A Ray Data actor: one dense stage's encoder, loaded once, encoding batches of documents."""
+    """A Ray Data actor: one dense stage's encoder, loaded once, encoding batches of corpus records."""
 
     def __init__(self, options: dict[str, Any], device: str | None, torch_threads: int | None) -> None:
+        from streamrank.compose import FACTORY
         from streamrank.context import PipelineContext
-        from streamrank.index.dense import DenseRetriever
 
         if torch_threads is not None:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.stage = DenseRetriever.from_dict(options, PipelineContext(None, device=device))
+        self.stage = FACTORY.build(dict(options), PipelineContext(None, device=device, factory=FACTORY), "ray encode")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        vectors = self.stage.encoding.encode([str(t) for t in batch["text"]], "document")  # type: ignore[attr-defined]
-        return {"id": batch["id"], "vector": vectors}
+        from streamrank.datasets.formats import beir_document
+
+        fields = [f for f in ("_id", "title", "text") if f in batch]
+        docs = [beir_document({f: batch[f][n] for f in fields}) for n in range(len(batch["_id"]))]
+        return {"id": np.array([d.id for d in docs], dtype=object), "vector": self.stage.encode_documents(docs)}
 
 
-def encode_on_ray(
-    options: dict[str, Any],
-    documents: Sequence[Document],
-    *,
-    actors: int = 2,
-    cpus_per_actor: float = 1.0,
-    batch_size: int = 256,
-    device: str | None = None,
-    torch_threads: int | None = None,
-) -> dict[str, Any]:
-    """Embeddings (doc id -> vector) of ``documents`` as the dense stage ``options`` encodes them."""
-    dataset = ray.data.from_items([{"id": d.id, "text": d.contents} for d in documents])
-    encoded = dataset.map_batches(
-        EncodeBatch,
-        fn_constructor_args=(options, device, torch_threads),
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=actors,
-        num_cpus=cpus_per_actor,
-    )
-    vectors: dict[str, Any] = {}
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-        vectors.update((str(doc_id), row) for doc_id, row in zip(batch["id"], batch["vector"], strict=True))
-    return vectors
+def write_parts(batch: dict[str, Any], folder: str, shards: int) -> dict[str, Any]:
+    """Write one batch's vectors as a part per owning shard (``<folder>/<shard>/part-*.npz``); row counts back."""
+    from streamrank.index.sharded import shard_of
+
+    ids = [str(i) for i in batch["id"]]
+    owners = np.array([shard_of(i, shards) if shards > 1 else 0 for i in ids])
+    counts = []
+    for shard in sorted(set(owners.tolist())):
+        rows = np.flatnonzero(owners == shard)
+        target = Path(folder) / str(shard)
+        target.mkdir(parents=True, exist_ok=True)
+        np.savez(target / f"part-{uuid.uuid4().hex}.npz", ids=np.array([ids[r] for r in rows]), vectors=batch["vector"][rows])
+        counts.append(len(rows))
+    return {"rows": np.array(counts or [0])}
 
 
-def dense_options(stage: Any) -> dict[str, Any] | None:
-    """The dense stage table behind ``stage`` (a dense stage, or a sharded one over dense), else None."""
+class PartVectors(Mapping[str, np.ndarray]):
+    """The vectors of one shard's parts (doc id -> row), loaded in the worker that builds the shard."""
+
+    def __init__(self, folder: Path) -> None:
+        parts = [np.load(p) for p in sorted(folder.glob("part-*.npz"))]
+        ids = [str(i) for part in parts for i in part["ids"]]
+        self.vectors = np.concatenate([part["vectors"] for part in parts]) if parts else np.zeros((0, 0), np.float32)
+        self.rows = {doc_id: n for n, doc_id in enumerate(ids)}  # a later part wins for a repeated id
+
+    def __getitem__(self, doc_id: str) -> np.ndarray:
+        return self.vectors[self.rows[doc_id]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def build_from_parts(
+    index_dir: str, corpus: str | None, options: dict[str, Any], shard: int | None, shards: int, parts: str, rebuild: bool
+) -> int:
+    """In a Ray task: build one shard's index (``shard``) or the unsharded index (None) from its parts."""
+    from streamrank.compose import FACTORY
+    from streamrank.context import PipelineContext
+    from streamrank.index.shard_worker import ShardWorker
+
+    context = PipelineContext(Path(index_dir), corpus=corpus, factory=FACTORY)
+    vectors = PartVectors(Path(parts) / str(shard or 0))
+    try:
+        if shard is not None:
+            ShardWorker(options, context, shard, shards).build(rebuild, vectors)
+        else:
+            stage: Any = FACTORY.build(dict(options), context, "ray index")
+            with stage.supply_embeddings(vectors):
+                stage.build(context.store, rebuild=rebuild)
+        return len(vectors)
+    finally:
+        context.close()
+
+
+def dense_options(stage: Any) -> tuple[dict[str, Any], int] | None:
+    """(the dense stage table behind ``stage``, its shard count) for a dense stage or a sharded one over dense."""
     from streamrank.index.dense import DenseRetriever
     from streamrank.index.sharded_stage import ShardedRetriever
 
     if isinstance(stage, DenseRetriever):
-        return stage.config.model_dump(exclude_unset=True) | {"kind": "dense"}
+        return stage.config.model_dump(exclude_unset=True) | {"kind": "dense"}, 1
     if isinstance(stage, ShardedRetriever) and isinstance(stage.template, DenseRetriever):
-        return dict(stage.options)
+        return dict(stage.options), stage.n
     return None
 
 
@@ -96,30 +143,74 @@ def needs_vectors(stage: Any, rebuild: bool) -> bool:
     return mf.read_manifest(stage.folder) is None
 
 
-def index_on_ray(
-    pipeline: Pipeline, *, rebuild: bool = False, actors: int = 2, cpus_per_actor: float = 1.0, batch_size: int = 256
-) -> dict[str, int]:
-    """``Pipeline.index`` with the dense encoding done by Ray Data; returns documents encoded per stage.
+def corpus_file(pipeline: Pipeline) -> Path:
+    """The JSON-lines corpus file Ray Data reads (a ConfigError for a corpus without one)."""
+    from streamrank.datasets import load_dataset
+    from streamrank.errors import ConfigError
 
-    Ray must be initialised (``streamrank index --ray`` starts a local head or joins ``--address``).
-    """
-    store = pipeline.context.store
+    if pipeline.context.corpus is None:
+        raise ConfigError("streamrank index --ray: the pipeline names no corpus to index")
+    found = load_dataset(pipeline.context.corpus).corpus_file()
+    if found is None:
+        raise ConfigError(f"streamrank index --ray reads a BEIR corpus.jsonl; corpus {pipeline.context.corpus!r} has none")
+    return found
+
+
+def encode_to_parts(
+    options: dict[str, Any], source: Path, parts: Path, shards: int, *, actors: int, cpus_per_actor: float,
+    gpus_per_actor: float, batch_size: int, device: str | None, torch_threads: int | None,
+) -> int:
+    """Stream ``source`` through the encoder actors into shard parts under ``parts``; rows written."""
+    encoded = ray.data.read_json(str(source)).map_batches(
+        EncodeBatch,
+        fn_constructor_args=(options, device, torch_threads),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+    )
+    written = encoded.map_batches(write_parts, fn_args=(str(parts), shards), batch_format="numpy", batch_size=None)
+    return sum(int(b["rows"].sum()) for b in written.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def index_on_ray(
+    pipeline: Pipeline, *, rebuild: bool = False, actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+    batch_size: int = 256,
+) -> dict[str, int]:
+    """``Pipeline.index`` with every dense index built by Ray (see the module docstring); returns the
+    documents encoded per stage. Ray must be initialised (``streamrank index --ray`` starts a local
+    head or joins ``--address``)."""
+    context = pipeline.context
+    index_dir = context.require_index_dir("streamrank index --ray")
+    store = context.store
     if rebuild or len(store) == 0:
-        store.upsert(pipeline.corpus_documents())
+        documents = pipeline.corpus_documents()
+        while chunk := list(itertools.islice(documents, STORE_CHUNK)):
+            store.upsert(chunk)
+    built: set[int] = set()
     encoded: dict[str, int] = {}
-    with contextlib.ExitStack() as supplied:
-        documents: list[Document] | None = None
-        for stage in pipeline.iter_stages():
-            options = dense_options(stage)
-            if options is None or not needs_vectors(stage, rebuild):
-                continue
-            documents = documents if documents is not None else list(store)
-            log.info("encoding %d documents for %r with Ray Data (%d actors)", len(documents), stage.name, actors)
-            vectors = encode_on_ray(
-                options, documents, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                device=pipeline.context.device, torch_threads=max(1, int(cpus_per_actor)),
+    for stage in pipeline.iter_stages():
+        found = dense_options(stage)
+        if found is None or not needs_vectors(stage, rebuild):
+            continue
+        options, shards = found
+        parts = index_dir / ".ray-vectors" / stage.name
+        shutil.rmtree(parts, ignore_errors=True)
+        log.info("encoding the corpus for %r with Ray Data (%d actors)", stage.name, actors)
+        try:
+            rows = encode_to_parts(
+                options, corpus_file(pipeline), parts, shards, actors=actors, cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor, batch_size=batch_size, device=context.device,
+                torch_threads=max(1, int(cpus_per_actor)),
             )
-            supplied.enter_context(stage.supply_embeddings(vectors))
-            encoded[stage.name] = len(vectors)
-        pipeline.index(rebuild=rebuild)
+            task = ray.remote(build_from_parts).options(num_cpus=cpus_per_actor, num_gpus=0)
+            targets = list(range(shards)) if shards > 1 else [None]
+            ray.get([task.remote(str(index_dir), context.corpus, options, s, shards, str(parts), rebuild) for s in targets])
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+        built.add(id(stage))
+        encoded[stage.name] = rows
+    for stage in pipeline.iter_stages():  # the rest as `streamrank index` builds it; the dense indexes exist now
+        stage.build(store, rebuild=rebuild and id(stage) not in built)
     return encoded

@@ -9,6 +9,8 @@ never imports Ray.
     address = "auto"             # join a running cluster (default: start a local head)
     replicas = 2                 # per pipeline deployment, unless a pipeline says otherwise
     num_cpus = 1
+    ingress = {autoscaling = {min_replicas = 2, max_replicas = 4}}   # stateless HTTP front
+    shard = {replicas = 2, resources = {shard_host = 1}, max_replicas_per_node = 1}
     [ray.pipelines.first]        # the LLM reranking pipeline: 2 CPU retrieval replicas ...
     replicas = 2
     rerankers = {replicas = 1, num_gpus = 1}   # ... in front of one GPU reranker replica
@@ -52,6 +54,10 @@ class DeploymentSettings(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica: 1 puts each replica on its own GPU, 0.5 packs two on one."""
     autoscaling: Autoscaling | None = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica (``{shard_host = 1}``: only on nodes started with that resource)."""
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    """Spread replicas over nodes (1: never two replicas of this deployment on one node)."""
     max_ongoing_requests: int | None = Field(None, ge=1)
     """Requests a replica holds at once (queued for ``serve.batch`` or running); default 8 full batches
     per worker, at least 64. Serve's router backs off from a full replica, so a small bound keeps
@@ -70,14 +76,22 @@ class RaySettings(DeploymentSettings):
     """Cluster to join (``auto``, ``ip:port``); None starts a local head on this machine."""
     namespace: str = "streamrank"
     app_name: str = "streamrank"
-    ingress_cpus: float = Field(0.5, ge=0)
-    """CPUs reserved for the ingress (the HTTP app, the document store and the write path)."""
-    shard_cpus: float = Field(0.25, ge=0)
-    """CPUs reserved per shard actor (pipelines with ``shards = N``)."""
-    shard_concurrency: int = Field(4, ge=1)
-    """Calls one shard actor serves at once (searches of several replicas)."""
+    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.25))
+    """The HTTP front (``ingress``): stateless, any number of replicas or autoscaling."""
+    writer: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.25))
+    """The ``writer`` deployment (the store and every write); always one replica."""
+    shard: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.25))
+    """Each ``shard-<pipeline>-<i>`` deployment (pipelines with ``shards = N``)."""
+    call_timeout_s: float = Field(30.0, gt=0)
+    """How long a call to another deployment may take (queueing included) before the request gets a 503."""
     pipelines: dict[str, DeploymentSettings] = Field(default_factory=dict)
     """Per pipeline name: its own placement (keys not given come from the top level)."""
+
+    @model_validator(mode="after")
+    def _one_writer(self) -> RaySettings:
+        if self.writer.replicas != 1 or self.writer.autoscaling is not None:
+            raise ValueError("ray.writer: the writer owns the document store and runs as exactly one replica")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -1,38 +1,40 @@
-"""Shards served by Ray actors: one actor per shard of an index folder, shared by every process of the
-application (the ingress that writes, each pipeline replica that searches).
+"""Shards as Ray Serve deployments: ``shard-<pipeline>-<i>`` serves shard ``i`` of every sharded stage of
+one pipeline (BM25 and dense of a hybrid), with ``replicas >= 1`` each, inside Serve's lifecycle
+(health checks, restarts, autoscaling, deleted with the application). No detached actors.
 
-:func:`install_shard_backend` makes every sharded stage built afterwards in this process scatter to
-these actors instead of opening the shards itself. The actor of shard ``i`` of an ``N``-way split of
-``index_dir`` is named ``shard-<digest of index_dir>-<N>-<i>`` in the Ray namespace of the service,
-created by whichever process asks first (``get_if_exists``) and detached, so it outlives the
-replica that made it. It serves the shard ``i`` of every sharded stage over that folder (BM25 and
-dense of a hybrid pipeline), each through a :class:`~streamrank.index.shard_worker.ShardWorker`.
+Shard replicas only read: the writer deployment writes every shard's index files (store first, then
+the shards, acknowledged after both; :mod:`streamrank.service.ray_serve`), and a shard replica
+reopens a shard's index when its manifest changes (the generation the writer published), so an
+acknowledged write is seen by the next search on every replica. A replica that restarts opens the
+current files.
 
-State: the shard's index files live in ``<index_dir>/shards-<N>/<i>/``; every write is acknowledged
-only after the actor persisted it (and after the document store, which is written first). A
-restarted actor (``max_restarts=-1``; a call in flight is retried, writes being idempotent upserts
-and deletes by id) reopens its files and repairs its shard from the store on first use
-(``ShardWorker.recover``), so no acknowledged write is lost when a shard's process dies.
+A pipeline replica hands each of its sharded stages a :class:`ServeShardGroup`
+(``ShardedRetriever.serve_shards``): the stage's scatter becomes ``await asyncio.gather`` over the
+shard deployments' handles, each call bounded (:func:`~streamrank.service.ray_calls.call`: a read
+whose replica died is asked again; no healthy replica -> 503 with ``Retry-After``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import asyncio
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
-
-from streamrank.index.shard_worker import ShardSpec, ShardWorker, use_shard_backend
-from streamrank.service.ray_settings import RaySettings
-
-log = logging.getLogger("streamrank.service.ray")
+from streamrank.index.shard_worker import ShardSpec, ShardWorker
+from streamrank.service.ray_calls import call, read_consistent
+from streamrank.service.wire import Raised, answer
+from streamrank.types import Ranking
 
 
-class ShardServer:
-    """The Ray actor of one shard: the shard's workers of every sharded stage over one index folder."""
+def shard_deployment(pipeline: str, shard: int) -> str:
+    """The Serve name of shard ``shard`` of ``pipeline``."""
+    return f"shard-{pipeline}-{shard}"
+
+
+class ShardReplica:
+    """A replica of ``shard-<pipeline>-<i>``: that shard of each sharded stage (opened on first use), read only."""
 
     def __init__(
         self, index_dir: str, corpus: str | None, device: str | None, shard: int, shards: int, torch_threads: int | None
@@ -47,88 +49,69 @@ class ShardServer:
         self.shard, self.shards = shard, shards
         self.context = PipelineContext(Path(index_dir), corpus=corpus, device=device, factory=FACTORY)
         self.workers: dict[str, ShardWorker] = {}
-        self.repaired: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
-    def call(self, key: str, options: dict[str, Any], method: str, *args: Any) -> Any:
-        """``ShardWorker.<method>(*args)`` of the stage ``key`` (made, and repaired from the store, on first use)."""
-        return getattr(self._worker(key, options), method)(*args)
+    def worker(self, key: str, options: dict[str, Any]) -> ShardWorker:
+        with self.lock:
+            if key not in self.workers:
+                self.workers[key] = ShardWorker(options, self.context, self.shard, self.shards)
+            return self.workers[key]
 
-    def _worker(self, key: str, options: dict[str, Any]) -> ShardWorker:
-        with self._lock:
-            worker = self.workers.get(key)
-            if worker is None:
-                worker = ShardWorker(options, self.context, self.shard, self.shards)
-                self.repaired[key] = worker.recover()
-                if self.repaired[key]:
-                    log.warning("shard %d/%d: repaired %d documents from the store", self.shard, self.shards, self.repaired[key])
-                self.workers[key] = worker
-            return worker
+    async def _read(self, key: str, options: dict[str, Any], read: Callable[[ShardWorker], Any]) -> Any:
+        return await asyncio.to_thread(answer, lambda: read_consistent(lambda: read(self.worker(key, options))))
+
+    async def search(
+        self, key: str, options: dict[str, Any], rankings: Sequence[Ranking], prepared: Any, depth: int
+    ) -> list[list[tuple[str, float]]] | Raised:
+        return await self._read(key, options, lambda w: w.search(rankings, prepared, depth))
+
+    async def score_pool(self, key: str, options: dict[str, Any], rankings: Sequence[Ranking], prepared: Any) -> Any:
+        return await self._read(key, options, lambda w: w.score_pool(rankings, prepared))
+
+    async def indexed_ids(self, key: str, options: dict[str, Any]) -> list[str] | Raised:
+        return await self._read(key, options, lambda w: w.indexed_ids())
+
+    async def has_index(self, key: str, options: dict[str, Any]) -> bool | Raised:
+        return await self._read(key, options, lambda w: w.has_index())
 
     def status(self) -> dict[str, Any]:
-        """Which stages this shard serves and what it repaired when they were opened."""
-        return {"shard": self.shard, "shards": self.shards, "stages": list(self.workers), "repaired": dict(self.repaired)}
+        """Which shard this replica serves, on which Ray node, and the stages it has opened."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return {"shard": self.shard, "shards": self.shards, "node": node, "stages": sorted(self.workers)}
 
 
-ShardActor = ray.remote(ShardServer)
+class ServeShardGroup:
+    """The shards of one sharded stage as Serve deployments (a :class:`~streamrank.index.shard_worker.ShardGroup`).
 
+    ``call`` is made by the stage in a pipeline worker thread; it runs :meth:`gather` on the replica's
+    event loop (``loop()``), which awaits every shard's handle at once."""
 
-def actor_name(index_dir: Path, shards: int, shard: int) -> str:
-    digest = hashlib.blake2b(str(Path(index_dir).resolve()).encode(), digest_size=6).hexdigest()
-    return f"shard-{digest}-{shards}-{shard}"
+    READS = frozenset({"search", "score_pool", "indexed_ids", "has_index"})
 
-
-class RayShardGroup:
-    """The shards of one sharded stage, as handles to their actors (calls go out in parallel)."""
-
-    def __init__(self, spec: ShardSpec, ray_settings: RaySettings, torch_threads: int | None = None) -> None:
-        context = spec.context
-        index_dir = context.require_index_dir("a sharded index")
+    def __init__(
+        self, spec: ShardSpec, handles: Sequence[Any], loop: Callable[[], asyncio.AbstractEventLoop], *,
+        pipeline: str, timeout_s: float,
+    ) -> None:
         self.shards, self.key, self.options = spec.shards, spec.key, spec.options
-        self.actors = [
-            ShardActor.options(
-                name=actor_name(index_dir, spec.shards, i),
-                namespace=ray_settings.namespace,
-                get_if_exists=True,
-                lifetime="detached",
-                max_restarts=-1,
-                max_task_retries=-1,
-                max_concurrency=ray_settings.shard_concurrency,
-                num_cpus=ray_settings.shard_cpus,
-            ).remote(str(index_dir), context.corpus, context.device, i, spec.shards, torch_threads)
-            for i in range(spec.shards)
-        ]
+        self.handles, self.loop, self.pipeline, self.timeout_s = list(handles), loop, pipeline, timeout_s
 
     def call(self, method: str, args: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
+        if method not in self.READS:
+            raise RuntimeError(f"shard deployments only read; {method!r} belongs to the writer deployment")
+        return asyncio.run_coroutine_threadsafe(self.gather(method, args), self.loop()).result()
+
+    async def gather(self, method: str, args: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
+        """``method`` on each shard in ``args`` at once; results by shard."""
         shards = sorted(args)
-        refs = [self.actors[i].call.remote(self.key, self.options, method, *args[i]) for i in shards]
-        return dict(zip(shards, ray.get(refs), strict=True))
+        replies = await asyncio.gather(*(self.one(i, method, args[i]) for i in shards))
+        return dict(zip(shards, replies, strict=True))
+
+    async def one(self, shard: int, method: str, args: tuple[Any, ...]) -> Any:
+        handle = getattr(self.handles[shard], method)
+        what = f"deployment {shard_deployment(self.pipeline, shard)!r}"
+        return await call(lambda: handle.remote(self.key, self.options, *args), what, timeout_s=self.timeout_s)
 
     def close(self) -> None:
-        """Nothing: the actors are shared; :func:`stop_shard_actors` ends them with the application."""
-
-
-def install_shard_backend(ray_settings: RaySettings, torch_threads: int | None = None) -> None:
-    """Serve the shards of every sharded stage built from now on in this process by Ray actors."""
-    use_shard_backend(lambda spec: RayShardGroup(spec, ray_settings, torch_threads))
-
-
-def shard_actors(namespace: str) -> list[str]:
-    """Names of the shard actors alive in ``namespace``."""
-    from ray.util import list_named_actors
-
-    return sorted(
-        a["name"] for a in list_named_actors(all_namespaces=True)
-        if a.get("namespace") == namespace and a["name"].startswith("shard-")
-    )
-
-
-def stop_shard_actors(namespace: str) -> int:
-    """Kill every shard actor of the namespace (they are detached: they would outlive the application)."""
-    names = shard_actors(namespace)
-    for name in names:
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:  # already gone
-            pass
-    return len(names)
+        """Nothing: the shard replicas belong to Serve."""

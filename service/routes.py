@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +67,7 @@ async def readyz(state: State) -> Any:
     false, `problems` says why) or stored documents were quarantined at startup (`quarantined`).
     """
     try:
-        report = await asyncio.to_thread(state.readiness)
+        report = await state.ready_report()
     except ServiceUnavailable as exc:
         body = StatusResponse(status=state.status, message=str(exc), request_id=request_id())
         return JSONResponse(body.model_dump(), status_code=503)
@@ -188,14 +187,14 @@ async def upsert_documents(body: UpsertRequest, state: State) -> UpsertResponse:
         check_limit(f"documents.{i} (title + text characters)", size, "max_document_chars", settings.max_document_chars)
     pipeline = state.pipeline(body.pipeline)
     docs = [Document(id=d.id, text=d.text, title=d.title) for d in body.documents]
-    await asyncio.to_thread(state.upsert, pipeline, docs)
+    await state.upsert_async(pipeline, docs)
     return UpsertResponse(upserted=len(docs), ids=[d.id for d in docs], request_id=request_id())
 
 
 @api.get("/documents/{doc_id:path}", response_model=DocumentOut, responses=PIPELINE_ERRORS, tags=["documents"])
 async def get_document(doc_id: str, state: State, pipeline: str | None = None) -> DocumentOut:
     """One stored document."""
-    doc = await asyncio.to_thread(state.get, state.pipeline(pipeline), doc_id)
+    doc = await state.get_async(state.pipeline(pipeline), doc_id)
     if doc is None:
         raise HTTPException(404, f"no document with id {show_id(doc_id)}")
     return DocumentOut(id=doc.id, title=doc.title, text=doc.text, request_id=request_id())
@@ -208,14 +207,14 @@ async def delete_documents(body: BulkDeleteRequest, state: State) -> BulkDeleteR
     Takes any stored id, however long (a quarantined one, say, that no URL could carry).
     """
     check_limit("the number of ids", len(body.ids), "max_upsert_documents", state.settings.max_upsert_documents)
-    deleted, missing = await asyncio.to_thread(state.delete_many, state.pipeline(body.pipeline), body.ids)
+    deleted, missing = await state.delete_many_async(state.pipeline(body.pipeline), body.ids)
     return BulkDeleteResponse(deleted=deleted, missing=missing, request_id=request_id())
 
 
 @api.delete("/documents/{doc_id:path}", response_model=DeleteResponse, responses=WRITE_ERRORS, tags=["documents"])
 async def delete_document(doc_id: str, state: State, pipeline: str | None = None) -> DeleteResponse:
     """Remove a document from every index and the store (404 when it is not stored)."""
-    deleted = await asyncio.to_thread(state.delete, state.pipeline(pipeline), doc_id)
+    deleted = await state.delete_async(state.pipeline(pipeline), doc_id)
     if deleted is None:
         raise HTTPException(404, f"no document with id {show_id(doc_id)}")
     return DeleteResponse(deleted=deleted, request_id=request_id())

@@ -21,6 +21,7 @@ from streamrank.service.batching import (
     ReadWriteLock,
     RunResult,
     ServiceUnavailable,
+    warm_up,
 )
 from streamrank.service.health import WriteHealth
 from streamrank.service.metrics import Metrics
@@ -70,7 +71,7 @@ class ServiceState:
     async def _load(self) -> None:
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._load_pipelines)
+            await asyncio.to_thread(self.load_pipelines)
         except Exception as exc:  # reported by /readyz and every request (one line, no stack trace)
             message = short_message(exc, limit=500)
             self.status = "error"
@@ -96,7 +97,8 @@ class ServiceState:
         self.metrics.writable.set(0 if self.health.problems(self.index_folders()) else 1)
         log.info("ready: %s in %.1f s", ", ".join(self.pipelines), time.perf_counter() - started)
 
-    def _load_pipelines(self) -> None:
+    def load_pipelines(self) -> None:
+        """Load every configured pipeline (blocking), recover its indexes and warm it up (per the settings)."""
         from streamrank.compose import load_pipeline
 
         s = self.settings
@@ -128,10 +130,7 @@ class ServiceState:
                     self.recovered[pipeline.name] = repaired
                     log.warning("pipeline %r: recovered documents after an unclean stop: %s", pipeline.name, repaired)
             if s.warmup:
-                if has_index:
-                    pipeline.search("warm up", k=1)
-                else:
-                    pipeline.rerank("warm up", ["warm up"], k=1)
+                warm_up(pipeline)
 
     async def close(self) -> None:
         """Stop: refuse new requests, let running writes finish (up to ``shutdown_timeout_s``),
@@ -284,6 +283,23 @@ class ServiceState:
             self.health.write_succeeded(folder)
         if count:
             self.metrics.documents_written.labels(operation).inc(count)
+
+    # ---- the same, awaited (what the routes call; the Ray ingress sends them to its writer) -----
+    async def ready_report(self) -> dict[str, Any]:
+        """:meth:`readiness`, awaited."""
+        return await asyncio.to_thread(self.readiness)
+
+    async def upsert_async(self, pipeline: Pipeline, documents: Sequence[Document]) -> None:
+        await asyncio.to_thread(self.upsert, pipeline, documents)
+
+    async def delete_async(self, pipeline: Pipeline, doc_id: str) -> str | None:
+        return await asyncio.to_thread(self.delete, pipeline, doc_id)
+
+    async def delete_many_async(self, pipeline: Pipeline, doc_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        return await asyncio.to_thread(self.delete_many, pipeline, doc_ids)
+
+    async def get_async(self, pipeline: Pipeline, doc_id: str) -> Document | None:
+        return await asyncio.to_thread(self.get, pipeline, doc_id)
 
     def get(self, pipeline: Pipeline, doc_id: str) -> Document | None:
         """The stored document with this id (or with its NFC form, the form upserts store)."""

@@ -33,7 +33,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         from streamrank.service.ray_settings import RaySettings
 
         start_ray(RaySettings(address=args.address))
-        encoded = index_on_ray(pipeline, rebuild=args.rebuild, actors=args.ray_actors)
+        encoded = index_on_ray(pipeline, rebuild=args.rebuild, actors=args.ray_actors, gpus_per_actor=args.ray_gpus)
         print(f"encoded with Ray Data: {encoded or 'nothing (every dense index exists)'}", file=sys.stderr)
     else:
         pipeline.index(rebuild=args.rebuild)
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="encode the corpus with Ray Data (needs streamrank[ray])")
     p.add_argument("--address", help="with --ray: the cluster to join (default: a local head)")
     p.add_argument("--ray-actors", type=int, default=2, help="with --ray: encoder actors (default 2)")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="with --ray: GPUs per encoder actor (default 0)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="run one query through a pipeline")

@@ -67,6 +67,11 @@ class PipelineContext:
     def store(self) -> DocumentStore:
         return DocumentStore(self.require_index_dir("the document store") / "docs.sqlite")
 
+    def share_models(self, other: PipelineContext) -> None:
+        """Use ``other``'s loaded models (and its lock) from now on: the contexts of a pipeline's shards
+        load each model once per process."""
+        self._cache, self._lock = other._cache, other._lock
+
     def shared(self, key: Any, factory: Callable[[], T]) -> T:
         """One object per key for the whole pipeline (models, tokenizers), built on first use."""
         with self._lock:

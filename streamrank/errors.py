@@ -21,6 +21,11 @@ class IndexMismatchError(StreamRankError):
     """An index on disk was built for another model, corpus or setting than the pipeline asks for."""
 
 
+class IndexInconsistent(IndexMismatchError):
+    """An index's files disagree with each other (read while another process rewrites them): reading
+    again in a moment sees one whole generation. Raised by type, so readers can retry on it."""
+
+
 class IndexMissingError(StreamRankError):
     """A stage needs an index that has not been built yet."""
 

@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "ppr": "streamrank.eval.bench.ppr:run_ppr_benchmark",
     "service": "streamrank.eval.bench.service:run_service_benchmark",
     "service-ray": "streamrank.eval.bench.service_ray:run_service_ray_benchmark",
+    "ray-index": "streamrank.eval.bench.ray_index:run_ray_index_benchmark",
     "soak": "streamrank.eval.bench.soak:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
     "writes": "streamrank.eval.bench.writes:run_writes_benchmark",

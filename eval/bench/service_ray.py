@@ -21,6 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,10 @@ SCATTER_QUERIES = 40
 
 
 def ray_table(replicas: int) -> str:
-    return f"[ray]\nreplicas = {replicas}\nnum_cpus = 0.5\ningress_cpus = 0.25\nshard_cpus = 0.1\n"
+    return (
+        f"[ray]\nreplicas = {replicas}\nnum_cpus = 0.5\n"
+        "ingress = {num_cpus = 0.25}\nwriter = {num_cpus = 0.25}\nshard = {num_cpus = 0.1}\n"
+    )
 
 
 def settings_file(path: Path, pipelines: list[str], mode: int | None, extra: str) -> Path:
@@ -50,14 +54,16 @@ def settings_file(path: Path, pipelines: list[str], mode: int | None, extra: str
     return path
 
 
-def throughput(pipelines: tuple[str, ...], work: Path, extra: str, quick: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def throughput(
+    pipelines: tuple[str, ...], work: Path, extra: str, quick: bool, modes: tuple[tuple[str, int | None], ...] = MODES
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     from streamrank.config import CONFIG_DIR
 
     queries = scifact_queries()
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for name in pipelines:
-        for mode_name, replicas in MODES:
+        for mode_name, replicas in modes:
             config = settings_file(work / f"{name}-{replicas or 0}.toml", [str(CONFIG_DIR / f"{name}.toml")], replicas, extra)
             with ServiceProcess(config) as server:
                 try:
@@ -129,15 +135,22 @@ def timed(url: str, pipeline: str, stage: str, k: int, queries: list[str]) -> di
     }
 
 
-def run_service_ray_benchmark(output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_service_ray_benchmark(
+    output_dir: Path | None = None, quick: bool = False, pipelines: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``pipelines`` (``--pipelines hybrid``): only their throughput rows, in process and on Ray with one
+    pipeline replica (no scatter-gather part)."""
     from streamrank.models import cache_home
 
     with tempfile.TemporaryDirectory(prefix="streamrank-bench-ray-") as tmp:
         work = Path(tmp)
         extra = quick_index(work) if quick else ""
-        rows, skipped = throughput(("bm25",) if quick else PIPELINES, work, extra, quick)
+        chosen = tuple(pipelines or (("bm25",) if quick else PIPELINES))
+        rows, skipped = throughput(chosen, work, extra, quick, MODES[:2] if pipelines else MODES)
+        scatter: list[dict[str, Any]] = []
         kind, source = ("bm25", work / "index") if quick else ("dense", cache_home() / "indexes" / "scifact")
-        scatter = scatter_gather(work / "scatter", kind, source)
+        if not pipelines:
+            scatter = scatter_gather(work / "scatter", kind, source)
     figures = {
         "dataset": "scifact" + (" (first 1000 documents)" if quick else ""),
         "endpoint": "POST /search k=10",

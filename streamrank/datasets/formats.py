@@ -105,6 +105,10 @@ class Dataset(ABC):
     def _corpus_files(self) -> list[Path]:
         return []
 
+    def corpus_file(self) -> Path | None:
+        """A JSON-lines corpus file that other readers (Ray Data) can stream, when the set has one."""
+        return None
+
     def _check_split(self, split: str) -> None:
         if split not in self.splits():
             raise DatasetNotFoundError(
@@ -113,6 +117,11 @@ class Dataset(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, path={str(self.path)!r})"
+
+
+def beir_document(row: Mapping[str, Any]) -> Document:
+    """One record of a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``) as a Document."""
+    return Document(id=str(row["_id"]), text=row.get("text") or "", title=row.get("title") or "")
 
 
 class BeirDataset(Dataset):
@@ -138,10 +147,11 @@ class BeirDataset(Dataset):
                 f"retrieve from. Evaluate it by reranking its candidates "
                 f"({', '.join(p.name for p in self._candidate_files()) or 'none found'})."
             )
-        rows = _read_jsonl(self.path / "corpus.jsonl")
-        return (
-            Document(id=str(r["_id"]), text=r.get("text") or "", title=r.get("title") or "") for r in rows
-        )
+        return (beir_document(r) for r in _read_jsonl(self.path / "corpus.jsonl"))
+
+    def corpus_file(self) -> Path | None:
+        """The ``corpus.jsonl`` file (one JSON record per document; :func:`beir_document` reads one), or None."""
+        return self.path / "corpus.jsonl" if self.has_corpus else None
 
     def splits(self) -> list[str]:
         qrels_dir = self.path / "qrels"

@@ -40,7 +40,7 @@ def local_pipeline(path: Path, index_dir: Path, minilm: Any) -> Any:
     return pipeline
 
 
-def wait_ready(url: str, timeout: float = 240.0) -> dict[str, Any]:
+def wait_ready(url: str, timeout: float = 600.0) -> dict[str, Any]:
     import httpx
 
     deadline = time.monotonic() + timeout

@@ -70,8 +70,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, docs: list[Any], minilm: An
 
 @pytest.fixture(scope="module")
 def served(ray_head: Any, corpus: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    """The service on Ray Serve: ``dense`` with 2 replicas, ``dense-s4`` (4 shard actors) with 1, and
-    ``rerank`` (dense, then E2Rank) as a first-stage deployment and a reranker deployment."""
+    """The service on Ray Serve: 2 stateless ingress replicas, the writer, ``dense`` with 2 replicas,
+    ``dense-s4`` with 1 (and 4 shard deployments of 1 replica each), and ``rerank`` (dense, then E2Rank)
+    as a first-stage deployment and a reranker deployment."""
     from streamrank.service.ray_serve import deploy, undeploy
     from streamrank.service.ray_settings import RaySettings
     from streamrank.service.settings import load_settings
@@ -80,8 +81,9 @@ def served(ray_head: Any, corpus: SimpleNamespace) -> Iterator[SimpleNamespace]:
         namespace="streamrank-test",
         replicas=1,
         num_cpus=0.25,
-        ingress_cpus=0.25,
-        shard_cpus=0.1,
+        ingress={"replicas": 2, "num_cpus": 0.05},
+        writer={"num_cpus": 0.25},
+        shard={"num_cpus": 0.05},
         pipelines={"dense": {"replicas": 2}, "rerank": {"rerankers": {"replicas": 1, "num_cpus": 0.25}}},
     )
     settings = load_settings(

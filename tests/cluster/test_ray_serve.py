@@ -1,6 +1,6 @@
 """The service on a real local Ray (head on 127.0.0.1, 2 CPUs, torch threads 1): the same rankings as in
-process through Ray Serve with 2 replicas and through a 4-shard index served by actors; batching with
-the service's own bounds; a replica killed under load; a shard actor restarted."""
+process through Ray Serve with 2 replicas and through a 4-shard index served by shard deployments;
+batching with the service's own bounds; a pipeline replica killed under load; a shard replica replaced."""
 
 from __future__ import annotations
 
@@ -21,12 +21,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from streamrank.index.sharded import shard_of  # noqa: E402
 from streamrank.service.app import create_app  # noqa: E402
 from streamrank.service.batching import BatchPolicy  # noqa: E402
-from streamrank.service.ray_shards import actor_name, shard_actors  # noqa: E402
 from streamrank.service.settings import load_settings  # noqa: E402
 from streamrank.types import Document  # noqa: E402
 
 pytestmark = pytest.mark.slow
-NAMESPACE = "streamrank-test"
 
 
 def hits(body: dict[str, Any]) -> list[tuple[str, float]]:
@@ -44,7 +42,10 @@ def test_same_rankings_in_process_on_ray_and_over_four_shards(
 ) -> None:
     ready = served.ready
     assert ready["status"] == "ready" and ready["pipelines"] == ["dense", "dense-s4", "rerank"], ready
-    summary_line(f"ray: application ready in {served.startup_s:.0f} s (ingress, 2+1+1 pipeline replicas, 1 reranker replica, 4 shard actors)")
+    summary_line(
+        f"ray: application ready in {served.startup_s:.0f} s (2 ingress replicas, writer, 2+1+1 pipeline replicas, "
+        "1 reranker replica, 4 shard deployments)"
+    )
     pipeline = local_pipeline(corpus.dense, corpus.index, minilm)
     settings = load_settings(env={}, pipelines=[str(corpus.dense)], index_dir=str(corpus.index), torch_threads=1)
     queries = [docs[i].title for i in range(0, len(docs), 20)] + ["vitamin D and bone fractures"]
@@ -61,7 +62,10 @@ def test_same_rankings_in_process_on_ray_and_over_four_shards(
             sharded = hits(search(served.url, query, "dense-s4"))
             assert api == in_process == on_ray == sharded, query
     pipeline.close()
-    assert {a.split("-")[-1] for a in shard_actors(NAMESPACE)} >= {"0", "1", "2", "3"}
+    from ray import serve
+
+    deployments = serve.status().applications["streamrank"].deployments
+    assert all(deployments[f"shard-dense-s4-{i}"].replica_states.get("RUNNING", 0) == 1 for i in range(4))
 
 
 def test_reranker_deployment_apart_from_the_first_stage(
@@ -189,10 +193,23 @@ def test_killed_replica_and_shard_lose_no_acknowledged_write(
     owner = shard_of(sharded_doc.id, 4)
     reply = httpx.post(f"{url}/documents", json={"documents": [sharded_doc.__dict__], "pipeline": "dense-s4"}, timeout=120)
     assert reply.status_code == 200, reply.text
-    actor = ray.get_actor(actor_name(corpus.index, 4, owner), namespace=NAMESPACE)
-    ray.kill(actor, no_restart=False)  # the shard's process dies; Ray restarts it, it reopens its files
-    found = search(url, sharded_doc.title, "dense-s4", k=3)
-    assert found["results"][0]["id"] == sharded_doc.id
+    shard = f"shard-dense-s4-{owner}"
+    (replica,) = replicas(shard)
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)  # Serve replaces it; it opens the files
+    codes = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{url}/search", json={"query": sharded_doc.title, "k": 3, "pipeline": "dense-s4"}, timeout=120)
+        assert reply.status_code in (200, 503), reply.text
+        codes.append(reply.status_code)
+        if reply.status_code == 200:
+            assert reply.json()["results"][0]["id"] == sharded_doc.id
+            if replicas(shard) and replica not in replicas(shard):
+                break
+        else:
+            assert "Retry-After" in reply.headers and shard in reply.text, reply.text
+        time.sleep(0.5)
+    assert codes[-1] == 200 and replica not in replicas(shard), codes
     errors = sum(code != 200 for _, code in outcomes)
     print(f"kill test: {len(outcomes)} requests, {errors} failed, all {len(served_after)} after the kill served")
 

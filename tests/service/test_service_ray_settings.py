@@ -63,8 +63,11 @@ def test_ray_table_in_the_settings_file(tmp_path: Path) -> None:
 
 
 def test_ray_settings_from_the_environment_and_errors(tmp_path: Path) -> None:
-    settings = load_settings(env={"STREAMRANK_RAY": '{"replicas": 3, "shard_cpus": 0.1}'})
-    assert settings.ray is not None and settings.ray.replicas == 3 and settings.ray.shard_cpus == 0.1
+    settings = load_settings(env={"STREAMRANK_RAY": '{"replicas": 3, "shard": {"replicas": 2, "num_cpus": 0.1}}'})
+    assert settings.ray is not None and settings.ray.replicas == 3
+    assert (settings.ray.shard.replicas, settings.ray.shard.num_cpus, settings.ray.ingress.replicas) == (2, 0.1, 1)
+    with pytest.raises(ConfigError, match="exactly one replica"):
+        load_settings(env={}, ray={"writer": {"replicas": 2}})
     with pytest.raises(ConfigError, match="replicass"):
         load_settings(env={"STREAMRANK_RAY": '{"replicass": 3}'})
     with pytest.raises(ConfigError, match="below min_replicas"):
