@@ -301,3 +301,21 @@ def test_unsupported_decoders_raise_naming_the_supported_ones():
     model = apply_lowrank(AutoModelForCausalLM.from_config(cfg).eval(), ratio=0.5, backend="unfused")
     with pytest.raises(UnsupportedDecoder, match="soft-capping"):
         set_backend(model, "auto")
+
+
+def test_bidirectional_gemma3_equals_hugging_face_eager():
+    """EmbeddingGemma's layout (Gemma 3, bidirectional, two-sided sliding window) on the fused path."""
+    cfg = CONFIGS["gemma3"]()
+    cfg.use_bidirectional_attention = True
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    reference = AutoModelForCausalLM.from_config(cfg).eval()
+    model = full_rank(copy.deepcopy(reference), "torch")
+    batch = torch.randint(1, 120, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # right padding
+    with torch.inference_mode(), ops.trace() as calls:
+        want = reference(input_ids=batch, attention_mask=mask, use_cache=False).logits
+        got = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+    assert calls[("rank_space_attention", "torch")] == LAYERS and calls[("llama_attention", "hf")] == 0
+    assert (got[mask.bool()] - want[mask.bool()]).abs().max() <= 1e-4
