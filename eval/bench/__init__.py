@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "service-ray": "streamrank.eval.bench.service_ray:run_service_ray_benchmark",
     "soak": "streamrank.eval.bench.soak:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
+    "published-rerankers": "streamrank.eval.bench.published_rerankers:run_published_rerankers_benchmark",
 }
 
 Benchmark = Callable[..., dict[str, Any]]
