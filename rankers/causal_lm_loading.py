@@ -78,7 +78,7 @@ def load_causal_lm(settings: LLMSettings, device: str | None = None) -> CausalLM
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from streamrank.models import SMOLLM2, is_smollm2, smollm2_gguf_path
+    from streamrank.models import SMOLLM2, is_smollm2, resolve_model, smollm2_gguf_path
 
     dtype = getattr(torch, settings.dtype)
     device = device or resolve_device(settings)
@@ -92,7 +92,9 @@ def load_causal_lm(settings: LLMSettings, device: str | None = None) -> CausalLM
             raise ConfigError(f"GGUF file {name!r} not found")
     else:
         gguf = gguf_in_folder(name)
-    source = str(unpacked_gguf(gguf)) if gguf is not None else name
+    # a hub id is looked up in the local model folders first; offline and absent: ModelNotFoundError naming
+    # `make models` and the hub
+    source = str(unpacked_gguf(gguf)) if gguf is not None else resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

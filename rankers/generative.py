@@ -1,6 +1,7 @@
 """Generative listwise reranking (RankGPT / RankZephyr): the model writes "[B] > [A] > ...".
 
-Same prompts (:mod:`streamrank.rankers.prompts`), windows and prefix reuse as the single-token
+Default prompt: RankZephyr's (``template = "rank_zephyr"``, numeric identifiers); ``"rankgpt"`` is rank_llm's
+multi-turn RankGPT prompt. Same prompt machinery (:mod:`streamrank.rankers.prompts`), windows and prefix reuse as the single-token
 ranker, so the two differ only in how a window is read: greedy decoding of the whole permutation
 here, one forward pass there. The answer is parsed and repaired: unknown and repeated identifiers
 are dropped, missing ones appended in their incoming order; repairs are noted on the ranking.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from streamrank.rankers.listwise import ListwiseConfig, ListwiseReranker
-from streamrank.rankers.prompts import OPENER, ListwisePrompt
+from streamrank.rankers.prompts import ListwisePrompt
 from streamrank.stage import StageConfig
 from streamrank.types import Ranking
 
@@ -72,6 +73,8 @@ class GenerativeListwise(ListwiseReranker):
     Config: ClassVar[type[StageConfig]] = GenerativeConfig
     config: GenerativeConfig
     answer_reserve: ClassVar[int] = TOKENS_PER_IDENTIFIER
+    single_token_labels: ClassVar[bool] = False
+    default_template: ClassVar[str] = "rank_zephyr"
 
     def rank_window(
         self, ranking: Ranking, prompt: ListwisePrompt, prefix: PrefixCache | None, span: tuple[int, int]
@@ -79,7 +82,8 @@ class GenerativeListwise(ListwiseReranker):
         budget = self.config.max_new_tokens or TOKENS_PER_IDENTIFIER * len(prompt.labels) + 4
         sequence = list(prompt.body) if prefix is not None else list(prompt.ids)
         generation = self.llm.generate_greedy(sequence, budget, prefix=prefix)
-        parsed = parse_permutation(OPENER + generation.text, prompt.labels)
+        opener = self.builder.template.answer_opener
+        parsed = parse_permutation(opener + generation.text, prompt.labels)
         note = (
             f"window {span[0]}-{span[1]}: {len(prompt.labels)} passages, generated {parsed.parsed} identifiers"
             + (

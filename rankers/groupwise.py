@@ -36,6 +36,8 @@ from streamrank.types import Ranking
 if TYPE_CHECKING:
     import torch
 
+    from streamrank.rankers.kv import PrefixCache
+
 
 class GroupwiseConfig(LLMRerankerConfig):
     group_size: int = Field(10, ge=2)
@@ -121,11 +123,13 @@ class GroupwiseReranker(LLMReranker):
         """Calibrated scores parallel to ``texts``; model calls recorded on ``ranking``."""
         cfg = self.config
         plan = plan_groups(len(texts), cfg.group_size, cfg.anchors, cfg.calibration)
-        prefix = self.listwise_prefix(ranking, query) if cfg.prefix_cache else None
+        prefix: PrefixCache | None = None
         stats = StreamStats()
         logits = []
         for number, group in enumerate(plan.groups):
             prompt = self.group_prompt(query, [texts[i] for i in group])
+            if cfg.prefix_cache and (prefix is None or prefix.ids != list(prompt.prefix)):
+                prefix = self.listwise_prefix(ranking, prompt.prefix)
             values, result = identifier_logits(self.llm, prompt, prefix)
             order_from_logits(
                 values, f"{self.name}: identifier logits of group {number}"

@@ -11,6 +11,9 @@ the list by ``stride`` (RankGPT's schedule; the last window always starts at the
 "full"`` ranks the whole list in one pass (passages are cut uniformly if needed to fit the context).
 The instruction + query prefix is computed once per query and reused by every window
 (``prefix_cache``), streamed through one cache that is cropped back after each window.
+
+The prompt is the stage's ``template`` (:mod:`streamrank.rankers.prompts`); FIRST's default is ``first``,
+rank_llm's ``rank_zephyr_alpha`` template that FIRST's checkpoints were trained with.
 """
 
 from __future__ import annotations
@@ -98,8 +101,10 @@ def identifier_logits(
     """Logits of the prompt's identifiers at the answer position (one forward pass)."""
     present = set(prompt.body)
     for label, label_id in zip(prompt.labels, prompt.label_ids, strict=True):
-        if label_id not in present:
+        if label_id < 0 or label_id not in present:
             raise RankerError(f"identifier [{label}] (token {label_id}) is missing from the prompt")
+    if prefix is not None and prefix.ids != list(prompt.prefix):
+        prefix = None  # this prompt's prefix differs from the cached one: compute it whole
     sequence = list(prompt.body if prefix is not None else prompt.ids)
     values, result = llm.next_token_logits([sequence], prompt.label_ids, prefix=prefix)
     return values[0], result
@@ -112,6 +117,8 @@ class ListwiseReranker(LLMReranker):
     config: ListwiseConfig
     answer_reserve: ClassVar[int] = 0
     """Tokens kept free per identifier for the answer (generation)."""
+    single_token_labels: ClassVar[bool] = True
+    """Whether every identifier must be one token in the prompt (its logit is read)."""
 
     def score_top(self, ranking: Ranking, texts: list[str]) -> list[float]:
         return order_scores(self.rank_texts(ranking, ranking.query.text, texts))
@@ -124,7 +131,13 @@ class ListwiseReranker(LLMReranker):
     def window_prompt(self, query: str, passages: Sequence[str]) -> ListwisePrompt:
         """The prompt this stage scores for one window (training builds its examples with it too)."""
         fit = self.config.mode == "full"
-        return self.builder.listwise(query, passages, reserve=self.answer_reserve * len(passages), fit=fit)
+        return self.builder.listwise(
+            query,
+            passages,
+            reserve=self.answer_reserve * len(passages),
+            fit=fit,
+            single_token=self.single_token_labels,
+        )
 
     def rank_texts(self, ranking: Ranking, query: str, texts: Sequence[str]) -> list[int]:
         """A permutation of ``texts`` (best first), ranking windows bottom-up."""
@@ -132,14 +145,17 @@ class ListwiseReranker(LLMReranker):
         spans = self.spans(len(texts))
         if len(texts) < 2:
             return order
-        prefix = self.listwise_prefix(ranking, query) if self.config.prefix_cache else None
+        prefix: PrefixCache | None = None
         for start, end in spans:
             window = order[start:end]
             prompt = self.window_prompt(query, [texts[i] for i in window])
-            if prompt.passage_tokens < self.config.llm.max_passage_tokens:
+            if prompt.cut:
+                unit = "words" if self.builder.template.passages == "words" else "tokens"
                 ranking.notes.append(
-                    f"{self.name}: passages cut to {prompt.passage_tokens} tokens to fit {len(window)} in the context"
+                    f"{self.name}: passages cut to {prompt.passage_tokens} {unit} to fit {len(window)} in the context"
                 )
+            if self.config.prefix_cache and (prefix is None or prefix.ids != list(prompt.prefix)):
+                prefix = self.listwise_prefix(ranking, prompt.prefix)  # once per query (again if {num} changes)
             permutation = self.rank_window(ranking, prompt, prefix, (start, end))
             order[start:end] = [window[p] for p in permutation]
         return order
@@ -152,6 +168,8 @@ class ListwiseReranker(LLMReranker):
 
 class SingleTokenListwise(ListwiseReranker):
     """FIRST: the identifier logits of the first answer token order the window in one pass."""
+
+    default_template: ClassVar[str] = "first"
 
     def rank_window(
         self, ranking: Ranking, prompt: ListwisePrompt, prefix: PrefixCache | None, span: tuple[int, int]

@@ -8,15 +8,17 @@ the pipeline-wide causal LM (:mod:`streamrank.rankers.causal_lm`), the prompt bu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from streamrank.errors import ConfigError
 from streamrank.rankers.base import Reranker
 from streamrank.rankers.causal_lm import CausalLM
 from streamrank.rankers.causal_lm_loading import LLMSettings, shared_llm
 from streamrank.rankers.kv import PrefixCache
-from streamrank.rankers.prompts import PromptBuilder
+from streamrank.rankers.prompts import DEFAULT_TEMPLATE, PromptBuilder, template_data
 from streamrank.stage import StageConfig
 from streamrank.types import Ranking
 
@@ -27,6 +29,21 @@ class LLMRerankerConfig(StageConfig):
     depth: int = Field(20, ge=1)
     """How many of the incoming candidates are reranked; the rest keep their order below them."""
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    template: str | None = None
+    """Prompt template (a file stem under ``rankers/templates``); None: the stage's published default."""
+    context_size: int | None = Field(None, ge=64)
+    """Tokens a prompt may take; None: the template's (rank_llm's 4096 for the published ones), capped by
+    the model's context."""
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                template_data(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class LLMReranker(Reranker):
@@ -35,6 +52,8 @@ class LLMReranker(Reranker):
     Config: ClassVar[type[StageConfig]] = LLMRerankerConfig
     config: LLMRerankerConfig
     call_seconds_digits: ClassVar[int | None] = 6
+    default_template: ClassVar[str] = DEFAULT_TEMPLATE
+    """The template used when the config names none (the method's published one)."""
 
     @property
     def llm(self) -> CausalLM:
@@ -44,12 +63,16 @@ class LLMReranker(Reranker):
     @property
     def builder(self) -> PromptBuilder:
         """The prompt builder for this stage's model and settings (shared by stages that match)."""
-        key = ("prompt-builder", self.config.llm.model_dump_json())
-        return self.context.shared(key, lambda: PromptBuilder(self.llm, self.config.llm))
+        cfg = self.config
+        template = cfg.template or self.default_template
+        key = ("prompt-builder", cfg.llm.model_dump_json(), template, cfg.context_size)
+        return self.context.shared(
+            key, lambda: PromptBuilder(self.llm, cfg.llm, template, context_size=cfg.context_size)
+        )
 
-    def listwise_prefix(self, ranking: Ranking, query: str) -> PrefixCache:
-        """The KV cache of the query's instruction + query prefix; its computation is a recorded call."""
-        prefix = PrefixCache(self.llm, self.builder.listwise_prefix(query))
+    def listwise_prefix(self, ranking: Ranking, ids: Sequence[int]) -> PrefixCache:
+        """The KV cache of a prompt's instruction + query prefix ``ids``; its computation is a recorded call."""
+        prefix = PrefixCache(self.llm, ids)
         self.record_call(
             ranking,
             self.llm.name,

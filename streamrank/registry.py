@@ -22,6 +22,8 @@ STAGE_KINDS: dict[str, str] = {
     "groupwise": "streamrank.rankers.groupwise:GroupwiseReranker",
     "e2rank": "streamrank.rankers.e2rank:EmbeddingListwise",
     "qlm": "streamrank.rankers.pointwise:QueryLikelihood",
+    "yes_no": "streamrank.rankers.pointwise:YesNoReranker",
+    "e2rank_decoder": "streamrank.rankers.decoder_embedder:DecoderE2Rank",
     "cross_encoder": "streamrank.rankers.cross_encoder:CrossEncoderReranker",
     "learned": "streamrank.rankers.learned:LearnedRanker",
 }

@@ -104,14 +104,15 @@ def test_passages_truncated_template_tail_kept(llm: CausalLM) -> None:
     builder = PromptBuilder(llm, LLMSettings(max_passage_tokens=8))
     long = "fleas " * 200
     prompt = builder.listwise(QUERY, [long, long])
-    assert prompt.passage_tokens == 8
-    assert list(prompt.body[-len(builder.listwise_tail(QUERY, prompt.labels)) :]) == builder.listwise_tail(
-        QUERY, prompt.labels
-    )
+    assert prompt.passage_tokens == 8 and not prompt.cut
+    closing = builder.template.suffix.format(query=QUERY, num=2, example="[A] > [B]")
+    assert prompt.text.endswith(closing + "<|im_end|>\n<|im_start|>assistant\n[")
+    assert llm.encode(prompt.text) == list(prompt.ids)
+    assert prompt.text.count("fleas") - 2 <= 2 * 8  # the query twice, each passage at most 8 tokens
     with pytest.raises(RankerError, match="do not fit"):
         PromptBuilder(llm, LLMSettings(max_passage_tokens=100)).listwise(QUERY, [long] * 100)
     fitted = PromptBuilder(llm, LLMSettings(max_passage_tokens=100)).listwise(QUERY, [long] * 100, fit=True)
-    assert fitted.passage_tokens < 100 and len(fitted.ids) <= llm.context_length
+    assert fitted.passage_tokens < 100 and fitted.cut and len(fitted.ids) <= llm.context_length
 
 
 # ---- runtime: batching, padding, prefix reuse ----------------------------------------------------
@@ -204,7 +205,7 @@ def test_first_matches_reference_and_records_calls(llm: CausalLM) -> None:
     stage = make_stage("first", llm, window=3, stride=2, depth=5, llm={"max_passage_tokens": 32})
     ranking = stage.run([ranking_of(PASSAGES)])[0]
     # reference: plain forward of each full prompt, argsort of identifier logits, same windows
-    builder = PromptBuilder(llm, LLMSettings(max_passage_tokens=32))
+    builder = PromptBuilder(llm, LLMSettings(max_passage_tokens=32), "first")  # FIRST's default template
     order = list(range(5))
     for start, end in window_spans(5, 3, 2):
         window = order[start:end]
@@ -216,7 +217,7 @@ def test_first_matches_reference_and_records_calls(llm: CausalLM) -> None:
     # calls: the prefix once, then one per window; prompt tokens add up to each token computed once
     notes = [c.note for c in ranking.calls]
     assert notes[0].startswith("prefix cache") and len(ranking.calls) == 3
-    assert ranking.calls[0].prompt_tokens == len(builder.listwise_prefix(QUERY))
+    assert ranking.calls[0].prompt_tokens == len(builder.listwise_prefix(QUERY, 3))
     assert all(c.prompt_tokens > 0 and c.output_tokens == 0 and c.model == llm.name for c in ranking.calls)
 
 
