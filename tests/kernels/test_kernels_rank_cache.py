@@ -24,6 +24,7 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
+from streamrank.errors import ConfigError  # noqa: E402
 from streamrank.kernels import ops  # noqa: E402
 from streamrank.kernels.decoder import (  # noqa: E402
     SUPPORTED_MODEL_TYPES,
@@ -35,6 +36,7 @@ from streamrank.kernels.decoder import (  # noqa: E402
 from streamrank.kernels.lowrank import apply_lowrank, set_backend  # noqa: E402
 from streamrank.kernels.svd import compress_model, target_linears  # noqa: E402
 from streamrank.rankers.causal_lm import CausalLM  # noqa: E402
+from streamrank.rankers.causal_lm_loading import LowRankOptions, apply_lowrank_options  # noqa: E402
 from streamrank.rankers.kv import PrefixCache, SinkCache, kv_bytes  # noqa: E402
 
 torch.set_num_threads(1)
@@ -295,6 +297,9 @@ def test_unsupported_decoders_raise_naming_the_supported_ones():
             type(m).__name__.startswith("LowRank") and hasattr(m, "q_proj") for m in model.modules()
         )
         set_backend(model, "unfused")  # the low-rank model itself is fine
+    # from a pipeline's llm settings: a ConfigError with the same message
+    with pytest.raises(ConfigError, match="supports model types"):
+        apply_lowrank_options(AutoModelForCausalLM.from_config(cfg).eval(), LowRankOptions(backend="torch"))
     # a supported type with a feature the fused path lacks: attention logit soft-capping
     cfg = CONFIGS["gemma3"]()
     cfg.attn_logit_softcapping = 50.0
