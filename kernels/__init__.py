@@ -4,7 +4,7 @@ Modules: ``svd`` (compression, ``LowRankLinear``, save/load), ``reference`` (pla
 ``streaming`` (blocked torch path for CPU), ``triton_kernels`` (fused linear, FFN and encoder
 attention) and ``triton_decoder`` (decoder attention over rank-space K/V with RoPE), both on
 ``triton_common`` and imported only when used; ``ops`` (backend dispatch, ``trace``), ``lowrank``
-(``apply_lowrank`` / ``LowRankSettings``, which also loads stored factors), ``decoder`` (Llama
+(``apply_lowrank`` / ``LowRankSettings``, which also loads stored factors), ``decoder`` (Llama-family
 attention on the fused path and the rank-space KV cache), ``calibrate`` (whitening statistics).
 """
 

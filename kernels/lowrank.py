@@ -1,4 +1,4 @@
-"""Swap a Hugging Face BERT or Llama model onto low-rank layers and fused low-rank kernels, in place.
+"""Swap a Hugging Face BERT or decoder (Llama family) model onto low-rank layers and fused low-rank kernels, in place.
 
 :func:`apply_lowrank` first SVD-compresses the projections (:mod:`streamrank.kernels.svd`; plain SVD,
 or the activation-aware whitened SVD with calibration data from :mod:`streamrank.kernels.calibrate`), then
@@ -10,11 +10,13 @@ patches the modules so their forward runs the chosen backend:
   low-rank FFN, followed by the layer's own dropout, residual and LayerNorm; the self-attention
   module computes its context with the fused low-rank attention (Q/K/V rebuilt in tiles, online
   softmax), then ``attention.output`` applies its dense/dropout/residual/LayerNorm as before;
-- Llama layers: the SiLU-gated MLP runs as one fused low-rank FFN; the attention
-  (:class:`streamrank.kernels.decoder.FusedLlamaAttention`) runs the fused decoder attention over
-  rank-space Q/K/V with RoPE applied to the rebuilt tiles, and reads/writes a rank-space KV cache
-  (:class:`streamrank.kernels.decoder.RankSpaceCache`: ``x V_k^T`` and ``x V_v^T`` per token). With a
-  dense transformers cache (``generate()`` without one of ours) it falls back to the model's attention.
+- decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma 3): the gated MLP runs as one fused low-rank FFN;
+  the attention (:class:`streamrank.kernels.decoder.FusedLlamaAttention`) runs the fused decoder
+  attention over rank-space Q/K/V with the q/k norms, RoPE and sliding window applied to the rebuilt
+  tiles, and reads/writes a rank-space KV cache (:class:`streamrank.kernels.decoder.RankSpaceCache`:
+  ``x V_k^T`` and ``x V_v^T`` per token). With a dense transformers cache (``generate()`` without one
+  of ours) it falls back to the model's attention. A compressed decoder of another type raises
+  :class:`streamrank.kernels.decoder.UnsupportedDecoder` (a ValueError) for a fused backend.
 
 Patching swaps the module's class for a subclass that overrides one method (``forward`` or
 ``feed_forward_chunk``), so parameter names, ``isinstance`` checks and ``state_dict`` stay as in the
@@ -163,7 +165,7 @@ def apply_lowrank(
 ) -> nn.Module:
     """Compress ``model``'s projections (unless already compressed) and patch it for ``backend``; return it.
 
-    ``model`` may be a Hugging Face BERT or Llama model or anything containing one (a
+    ``model`` may be a Hugging Face BERT or decoder model (:mod:`streamrank.kernels.decoder`) or anything containing one (a
     SentenceTransformer, a ``LlamaForCausalLM``). Calling it again on a compressed model only switches
     the backend (``"auto" | "triton" | "torch" | "unfused"``).
 
@@ -206,18 +208,22 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         elif _is_gated_mlp(module):
             act = _activation(module.config, module)
             _patch(module, _FusedGatedMLP, backend if act else "unfused", lowrank_activation=act)
-        rotary = decoder.rotary_of(module)
-        if rotary is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
-            for layer in module.layers:
-                attn = getattr(layer, "self_attn", None)
-                if attn is not None and decoder.supports(attn, rotary):
-                    _patch(attn, decoder.FusedLlamaAttention, backend, lowrank_rope=(rotary,))
+    if backend == "unfused":
+        for module in list(model.modules()):
+            if isinstance(module, decoder.FusedLlamaAttention):
+                _patch(module, decoder.FusedLlamaAttention, backend)
+        return model
+    for attn, rotary in decoder.fused_layers(model):  # raises UnsupportedDecoder for other decoders
+        _patch(attn, decoder.FusedLlamaAttention, backend, lowrank_rope=(rotary,))
     return model
 
 
 def _activation(config: Any, module: nn.Module) -> str | None:
-    """Kernel activation name for a model's ``hidden_act``; None (FFN stays unfused) if unsupported."""
-    act = HF_ACTIVATIONS.get(getattr(config, "hidden_act", None))
+    """Kernel activation name for a model's ``hidden_act`` (Gemma: ``hidden_activation``); None (FFN
+    stays unfused) if unsupported."""
+    act = HF_ACTIVATIONS.get(
+        getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    )
     if act is None:
         log.warning("%s: hidden_act not supported by the fused FFN, it stays unfused", type(module).__name__)
     return act

@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 
 from . import reference, streaming
-from .reference import Factors, Rope
+from .reference import Factors, HeadNorm, Rope
 
 BACKENDS = ("auto", "triton", "torch", "unfused")
 
@@ -136,8 +136,15 @@ def rank_space_attention(
     k_pos: torch.Tensor | None = None,
     rope: Rope | None = None,
     backend: str = "auto",
+    *,
+    q_norm: HeadNorm | None = None,
+    k_norm: HeadNorm | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decoder attention ``[B, S_q, H*D]`` from rank-space Q and cached rank-space K/V, on the chosen backend."""
+    """Decoder attention ``[B, S_q, H*D]`` from rank-space Q and cached rank-space K/V, on the chosen backend.
+
+    ``q_norm`` / ``k_norm``: per-head RMSNorm before RoPE; ``window``: sliding window in cache indices.
+    """
     chosen = _choose(backend, pq, q, k, v)
     if chosen == "triton" and (pk.requires_grad or pv.requires_grad) and torch.is_grad_enabled():
         chosen = "torch"
@@ -149,5 +156,6 @@ def rank_space_attention(
     else:
         impl = _module(chosen)
     return impl.rank_space_attention(
-        pq, pk, pv, q, k, v, num_heads, num_kv_heads, key_mask, causal, scale, q_pos, k_pos, rope
-    )
+        pq, pk, pv, q, k, v, num_heads, num_kv_heads, key_mask, causal, scale, q_pos, k_pos, rope,
+        q_norm=q_norm, k_norm=k_norm, window=window,
+    )  # fmt: skip

@@ -8,9 +8,12 @@ functions as this module; tests compare against it. Conventions:
 - attention inputs/outputs are ``[batch, seq, heads * head_dim]`` (head-major last dim, as in
   Hugging Face models); ``key_mask`` is ``[batch, seq_k]`` bool, True where a key may be attended.
 - decoder attention (:func:`rank_space_attention`) reads rank-space Q/K/V (``x V^T``, what the
-  rank-space KV cache holds), rebuilds them with ``U`` and applies rotary positions (:class:`Rope`,
-  the ``rotate_half`` layout of the Llama family) to the rebuilt Q and K. With ``seq_q < seq_k`` the
+  rank-space KV cache holds), rebuilds them with ``U``, normalises each head of Q and K when the model
+  has q/k norms (:class:`HeadNorm`: Qwen3, Gemma 3) and applies rotary positions (:class:`Rope`, the
+  ``rotate_half`` layout of the Llama family) to the rebuilt Q and K. With ``seq_q < seq_k`` the
   queries are the *last* ``seq_q`` keys (a continuation after a cache): causality is bottom-right aligned.
+- a sliding ``window`` (Mistral, sliding layers of Qwen2/3 and Gemma 3) hides keys ``window`` or more
+  *cache indices* behind the query (``|q - k| >= window`` when not causal), as Hugging Face's masks do.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ class Rope(NamedTuple):
 
     inv_freq: torch.Tensor
     scaling: float = 1.0
+
+
+class HeadNorm(NamedTuple):
+    """RMSNorm over each head's ``head_dim``, applied to Q or K before RoPE: ``t / rms(t) * weight``.
+
+    ``weight`` (``[head_dim]``) is the effective multiplier: Qwen3's ``w``, Gemma 3's ``1 + w``.
+    """
+
+    weight: torch.Tensor
+    eps: float
 
 
 class Factors(NamedTuple):
@@ -103,15 +116,26 @@ def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def allowed_keys(
-    key_mask: torch.Tensor | None, causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor | None:
-    """Bool ``[B|1, 1, q, k]`` of visible keys for query positions ``q_pos`` and key positions ``k_pos``."""
+    """Bool ``[B|1, 1, q, k]`` of visible keys for query indices ``q_pos`` and key indices ``k_pos``.
+
+    ``window``: keys at ``window`` or more indices from the query are hidden (behind it when ``causal``).
+    """
     allowed = None
     if key_mask is not None:
         allowed = key_mask[:, None, None, k_pos].bool()
+    rules = []
     if causal:
-        tri = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        allowed = tri if allowed is None else allowed & tri
+        rules.append(k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        rules.append((q_pos[:, None] - k_pos[None, :]).abs() < window)
+    for rule in rules:
+        allowed = rule[None, None] if allowed is None else allowed & rule[None, None]
     return allowed
 
 
@@ -187,6 +211,16 @@ def apply_rope(t: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Te
     return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
 
 
+def head_rms_norm(t: torch.Tensor, norm: HeadNorm | None) -> torch.Tensor:
+    """``t`` (``[B, H, S, D]``) normalised per head in float32 (unchanged when ``norm`` is None)."""
+    if norm is None:
+        return t
+    t = t.float()
+    return (
+        t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(t.device, torch.float32)
+    )
+
+
 def default_positions(batch: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Positions ``start .. stop-1`` for every row: ``[batch, stop - start]``."""
     return torch.arange(start, stop, device=device).expand(batch, -1)
@@ -207,20 +241,25 @@ def rank_space_attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     rope: Rope | None = None,
+    *,
+    q_norm: HeadNorm | None = None,
+    k_norm: HeadNorm | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention context ``[B, S_q, H*D]`` from rank-space ``pq [B, S_q, r_q]``, ``pk/pv [B, S_k, r]``.
 
-    Q/K/V are rebuilt in full (``p U^T + b``), Q and K rotated to ``q_pos`` / ``k_pos`` (``[B, S]``
-    integer positions; default: the key indices, the queries being the last ``S_q`` of them) when
-    ``rope`` is given. ``key_mask`` is ``[B, S_k]``; computed in float32, returned in ``pq``'s dtype.
+    Q/K/V are rebuilt in full (``p U^T + b``), Q and K normalised per head (``q_norm`` / ``k_norm``)
+    and rotated to ``q_pos`` / ``k_pos`` (``[B, S]`` integer positions; default: the key indices, the
+    queries being the last ``S_q`` of them) when ``rope`` is given. ``key_mask`` is ``[B, S_k]``;
+    ``window`` a sliding window in cache indices. Computed in float32, returned in ``pq``'s dtype.
     """
     num_kv_heads = num_kv_heads or num_heads
     groups = num_heads // num_kv_heads
     batch, s_q, s_k = pq.shape[0], pq.shape[1], pk.shape[1]
     if s_q > s_k:
         raise ValueError(f"{s_q} queries but only {s_k} keys: the queries must be the last keys")
-    qh = split_heads(rebuild(pq, q.U, q.bias), num_heads).float()
-    kh = split_heads(rebuild(pk, k.U, k.bias), num_kv_heads).float()
+    qh = head_rms_norm(split_heads(rebuild(pq, q.U, q.bias), num_heads).float(), q_norm)
+    kh = head_rms_norm(split_heads(rebuild(pk, k.U, k.bias), num_kv_heads).float(), k_norm)
     vh = split_heads(rebuild(pv, v.U, v.bias), num_kv_heads).float()
     if rope is not None:
         q_pos = default_positions(batch, s_k - s_q, s_k, pq.device) if q_pos is None else q_pos
@@ -228,26 +267,29 @@ def rank_space_attention(
         qh, kh = apply_rope(qh, q_pos, rope), apply_rope(kh, k_pos, rope)
     scale = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
     index_k = torch.arange(s_k, device=pq.device)
-    allowed = allowed_keys(key_mask, causal, index_k[s_k - s_q :], index_k)
+    allowed = allowed_keys(key_mask, causal, index_k[s_k - s_q :], index_k, window)
     s = masked_scores(qh, repeat_kv(kh, groups), scale, allowed)
     return merge_heads(torch.matmul(torch.softmax(s, dim=-1), repeat_kv(vh, groups))).to(pq.dtype)
 
 
-def key_mask_from_hf(attention_mask: Any, causal: bool) -> tuple[bool, torch.Tensor | None]:
+def key_mask_from_hf(
+    attention_mask: Any, causal: bool, window: int | None = None
+) -> tuple[bool, torch.Tensor | None]:
     """Reduce a Hugging Face 4-D attention mask (bool, or additive with 0 = visible) to ``[B, S_k]``.
 
     Returns ``(ok, key_mask)``; ``ok`` is False when the mask is more than key padding (plus the
-    bottom-right aligned causal triangle when ``causal``): the caller must use the original attention.
+    bottom-right aligned causal triangle when ``causal``, and the sliding ``window``): the caller must
+    use the original attention. A key no query sees is marked masked.
     """
     if attention_mask is None:
         return True, None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         return False, None
     keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    key_mask = keep[:, 0, -1, :]  # the last query row sees every key that is not padding
+    key_mask = keep[:, 0].any(dim=-2)  # keys some query sees: the padding mask where a window hides none
     q_len, k_len = keep.shape[-2:]
     pos = torch.arange(k_len, device=keep.device)
-    expected = allowed_keys(key_mask, causal, pos[k_len - q_len :], pos)
+    expected = allowed_keys(key_mask, causal, pos[k_len - q_len :], pos, window)
     if not torch.equal(keep, expected.expand_as(keep)):
         return False, None
     return True, key_mask

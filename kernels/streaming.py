@@ -19,11 +19,13 @@ import torch
 
 from .reference import (
     Factors,
+    HeadNorm,
     Rope,
     allowed_keys,
     apply_rope,
     default_positions,
     ffn_activation,
+    head_rms_norm,
     masked_scores,
     merge_heads,
     project,
@@ -80,6 +82,10 @@ def rank_space_attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     rope: Rope | None = None,
+    *,
+    q_norm: HeadNorm | None = None,
+    k_norm: HeadNorm | None = None,
+    window: int | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> torch.Tensor:
@@ -87,8 +93,9 @@ def rank_space_attention(
 
     ``pq`` is ``[B, S_q, r_q]``, ``pk/pv`` ``[B, S_k, r]`` (``S_q <= S_k``: the queries are the last
     keys, as after a KV cache). Q tiles are rebuilt per query block, K/V tiles per key block, each
-    rotated to its positions when ``rope`` is given, and folded in with an online softmax. Scores and
-    softmax state are kept in float32; the output has the dtype of ``pq``.
+    normalised per head and rotated to its positions when asked, and folded in with an online softmax;
+    key blocks a causal mask or the sliding ``window`` hides from a whole query block are skipped.
+    Scores and softmax state are kept in float32; the output has the dtype of ``pq``.
     """
     num_kv_heads = num_kv_heads or num_heads
     groups = num_heads // num_kv_heads
@@ -105,21 +112,25 @@ def rank_space_attention(
     out = torch.empty(batch, s_q, q.U.shape[0], dtype=pq.dtype, device=pq.device)
     for q0 in range(0, s_q, block_q):
         q1 = min(q0 + block_q, s_q)
-        qh = split_heads(rebuild(pq[:, q0:q1], q.U, q.bias), num_heads).float()
+        qh = head_rms_norm(split_heads(rebuild(pq[:, q0:q1], q.U, q.bias), num_heads).float(), q_norm)
         if rope is not None:
             qh = apply_rope(qh, q_pos[:, q0:q1], rope)
         m = torch.full((*qh.shape[:3], 1), -math.inf, device=pq.device)
         denom = torch.zeros_like(m)
         acc = torch.zeros_like(qh)
         k_end = offset + q1 if causal else s_k  # keys after the block's last query are all masked
-        for k0 in range(0, k_end, block_k):
+        k_start = 0
+        if window is not None:  # keys a window or more before the block's first query are all masked
+            k_start = max(0, offset + q0 - window + 1)
+            k_end = min(k_end, offset + q1 - 1 + window)
+        for k0 in range(k_start, k_end, block_k):
             k1 = min(k0 + block_k, k_end)
-            kh = split_heads(rebuild(pk[:, k0:k1], k.U, k.bias), num_kv_heads).float()
+            kh = head_rms_norm(split_heads(rebuild(pk[:, k0:k1], k.U, k.bias), num_kv_heads).float(), k_norm)
             if rope is not None:
                 kh = apply_rope(kh, k_pos[:, k0:k1], rope)
             kh = repeat_kv(kh, groups)
             vh = repeat_kv(split_heads(rebuild(pv[:, k0:k1], v.U, v.bias), num_kv_heads), groups).float()
-            allowed = allowed_keys(key_mask, causal, index[offset + q0 : offset + q1], index[k0:k1])
+            allowed = allowed_keys(key_mask, causal, index[offset + q0 : offset + q1], index[k0:k1], window)
             s = masked_scores(qh, kh, scale, allowed)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             alpha = torch.exp(m - m_new)

@@ -1,7 +1,9 @@
 """Loading the causal LM an LLM reranker names: settings, GGUF unpacking, low-rank glue, sharing.
 
 Models: a Hugging Face id or folder, a ``.gguf`` file, or the packaged SmolLM2-135M-Instruct
-(``"smollm2"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"``). A GGUF model is unpacked once
+(``"smollm2"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"``). A hub id whose local folder (under
+``$STREAMRANK_MODELS`` or ``cache_home()/models``) holds one ``.gguf`` file and no ``config.json`` loads
+that file (``Qwen/Qwen2.5-Coder-0.5B-Instruct`` as the model fetch script lays it out). A GGUF model is unpacked once
 (about 20 s) and saved as safetensors under ``cache_home()/models/<name>``; later loads read that copy.
 ``lowrank = {...}`` compresses the loaded model through :mod:`streamrank.kernels.lowrank`. One model
 per settings and device is shared by every stage of a pipeline (:func:`shared_llm`).
@@ -88,6 +90,8 @@ def load_causal_lm(settings: LLMSettings, device: str | None = None) -> CausalLM
         gguf = Path(name).expanduser()
         if not gguf.exists():
             raise ConfigError(f"GGUF file {name!r} not found")
+    else:
+        gguf = gguf_in_folder(name)
     # a hub id is looked up in the local model folders first; offline and absent: ModelNotFoundError naming
     # `make models` and the hub
     source = str(unpacked_gguf(gguf)) if gguf is not None else resolve_model(name)
@@ -100,6 +104,20 @@ def load_causal_lm(settings: LLMSettings, device: str | None = None) -> CausalLM
     if settings.lowrank is not None:
         model = apply_lowrank_options(model, settings.lowrank, tokenizer)
     return CausalLM(model, tokenizer, name)
+
+
+def gguf_in_folder(name: str) -> Path | None:
+    """The one ``.gguf`` file of the local model folder of hub id ``name``, when that folder has no config."""
+    from streamrank.models import model_folders
+
+    for folder in [Path(name).expanduser()] + [root / name for root in model_folders()]:
+        if folder.is_dir() and not (folder / "config.json").exists():
+            files = sorted(folder.glob("*.gguf"))
+            if len(files) > 1:
+                raise ConfigError(f"{folder} holds {len(files)} .gguf files; name one of them as the model")
+            if files:
+                return files[0]
+    return None
 
 
 def unpacked_gguf(gguf: Path) -> Path:

@@ -15,7 +15,7 @@ the stock attention code of every Hugging Face RoPE model (pre-RoPE caching woul
 attention forward per model family), costs one elementwise pass over the kept window per eviction,
 and is exact up to float rounding (checked in the tests: the re-rotated keys equal keys computed
 fresh at the new positions). Supported: the ``rotate_half`` RoPE layout of the Llama family
-(Llama, SmolLM, Qwen, Mistral, Gemma) with one set of frequencies.
+(Llama, SmolLM, Qwen, Mistral, Gemma), each layer with its own frequencies (Gemma 3's local/global).
 
 A low-rank model whose attention runs on the fused kernels caches rank-space projections instead
 (:class:`streamrank.kernels.decoder.RankSpaceCache`: ``x V_k^T``, ``x V_v^T`` and each token's position,
@@ -131,19 +131,15 @@ class PrefixCache:
                 crop_to(cache, self.length)
 
 
-def rotary_inv_freq(llm: CausalLM) -> torch.Tensor:
-    """The RoPE inverse frequencies of ``llm`` (one rotary module expected)."""
-    found = {
-        id(m): m
-        for m in llm.model.modules()
-        if hasattr(m, "inv_freq") and "rotary" in type(m).__name__.lower()
-    }
-    if len(found) != 1:
-        raise RankerError(
-            f"{llm.name}: SinkCache needs exactly one RoPE module (found {len(found)}); "
-            "this model's positions cannot be re-indexed"
-        )
-    return next(iter(found.values())).inv_freq.detach().float().cpu()
+def rotary_inv_freqs(llm: CausalLM) -> list[torch.Tensor]:
+    """The RoPE inverse frequencies of each decoder layer of ``llm`` (one decoder stack expected)."""
+    from streamrank.kernels.decoder import UnsupportedDecoder, layer_ropes
+
+    try:
+        ropes = layer_ropes(llm.model)
+    except UnsupportedDecoder as exc:
+        raise RankerError(f"{llm.name}: this model's positions cannot be re-indexed: {exc}") from exc
+    return [rope.inv_freq.detach().float().cpu() for rope in ropes]
 
 
 def rerotate(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -173,7 +169,7 @@ class SinkCache:
         self.sink = sink
         self.window = window
         self.cache = llm.new_cache()
-        self.inv_freq = rotary_inv_freq(llm)
+        self.inv_freqs: list[torch.Tensor] | None = None  # per layer, read when a dense cache is re-rotated
         self.seen = 0
         self.evicted = 0
         self.peak_bytes = 0
@@ -216,7 +212,7 @@ class SinkCache:
         drop = total - self.capacity
         if drop <= 0:
             return
-        for layer in self.cache.layers:
+        for layer_idx, layer in enumerate(self.cache.layers):
             if type(layer).__name__ == "RankSpaceLayer":  # positions stored before RoPE: shift them
                 index = torch.cat([torch.arange(self.sink), torch.arange(total - self.window, total)])
                 positions = layer.positions[:, index.to(layer.positions.device)]
@@ -227,8 +223,10 @@ class SinkCache:
                 raise RankerError(
                     f"SinkCache supports plain dynamic cache layers, not {type(layer).__name__}"
                 )
+            if self.inv_freqs is None:
+                self.inv_freqs = rotary_inv_freqs(self.llm)
             keys, values = layer.keys, layer.values
-            recent_keys = rerotate(keys[..., total - self.window :, :], drop, self.inv_freq)
+            recent_keys = rerotate(keys[..., total - self.window :, :], drop, self.inv_freqs[layer_idx])
             layer.keys = torch.cat([keys[..., : self.sink, :], recent_keys], dim=-2)
             layer.values = torch.cat(
                 [values[..., : self.sink, :], values[..., total - self.window :, :]], dim=-2

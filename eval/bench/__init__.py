@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "soak": "streamrank.eval.bench.soak:run_soak_benchmark",
     "retrieval": "streamrank.eval.bench.retrieval:run_retrieval_benchmark",
     "writes": "streamrank.eval.bench.writes:run_writes_benchmark",
+    "published-rerankers": "streamrank.eval.bench.published_rerankers:run_published_rerankers_benchmark",
 }
 
 Benchmark = Callable[..., dict[str, Any]]

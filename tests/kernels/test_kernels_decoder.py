@@ -1,6 +1,7 @@
 """Decoder attention over rank-space K/V (what the rank-space KV cache holds): the torch reference
 against Hugging Face's RoPE + attention, the streaming path and the Triton kernel (CPU interpreter)
-against the reference, on ragged lengths, grouped-query heads, rotary positions and cache appends."""
+against the reference, on ragged lengths, grouped-query heads, rotary positions, cache appends, per-head
+q/k RMSNorm and sliding windows (causal and bidirectional)."""
 
 import os
 
@@ -11,7 +12,7 @@ import torch  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from streamrank.kernels import ops, reference, streaming, triton_decoder  # noqa: E402
-from streamrank.kernels.reference import Factors, Rope  # noqa: E402
+from streamrank.kernels.reference import Factors, HeadNorm, Rope  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -47,6 +48,18 @@ def problem(heads: int, kv_heads: int, s_q: int, s_k: int, bias: bool = False, d
     key_mask = torch.ones(batch, s_k, dtype=torch.bool)
     key_mask[1, :5] = False
     return (pq, pk, pv, q, k, v), k_pos, key_mask
+
+
+FEATURES = ["plain", "qk_norm+window"]
+
+
+def features(name: str, window: int = 7) -> dict:
+    """Keyword arguments of ``name``: none, or Qwen3/Gemma-style q/k norms and a sliding window."""
+    if name == "plain":
+        return {}
+    g = torch.Generator().manual_seed(11)
+    norm = lambda: HeadNorm(1 + 0.3 * torch.randn(HEAD_DIM, generator=g), 1e-6)  # noqa: E731
+    return {"q_norm": norm(), "k_norm": norm(), "window": window}
 
 
 def real(t: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -104,14 +117,16 @@ STREAMING_CASES = [
 ]
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("heads, kv_heads, s_q, s_k, masked, with_rope, bias", STREAMING_CASES)
-def test_streaming_equals_reference(heads, kv_heads, s_q, s_k, masked, with_rope, bias):
+def test_streaming_equals_reference(heads, kv_heads, s_q, s_k, masked, with_rope, bias, feature):
     args, k_pos, key_mask = problem(heads, kv_heads, s_q, s_k, bias)
     mask = key_mask if masked else None
     positions = (k_pos[:, s_k - s_q :], k_pos, rope()) if with_rope else (None, None, None)
-    want = reference.rank_space_attention(*args, heads, kv_heads, mask, True, None, *positions)
+    extra = features(feature)
+    want = reference.rank_space_attention(*args, heads, kv_heads, mask, True, None, *positions, **extra)
     got = streaming.rank_space_attention(
-        *args, heads, kv_heads, mask, True, None, *positions, block_q=8, block_k=16
+        *args, heads, kv_heads, mask, True, None, *positions, block_q=8, block_k=16, **extra
     )
     assert (real(got, key_mask) - real(want, key_mask)).abs().max() <= 1e-5
 
@@ -126,15 +141,39 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("heads, kv_heads, s_q, s_k, masked, with_rope, causal, bias, dtype", TRITON_CASES)
-def test_triton_equals_reference(heads, kv_heads, s_q, s_k, masked, with_rope, causal, bias, dtype):
+def test_triton_equals_reference(heads, kv_heads, s_q, s_k, masked, with_rope, causal, bias, dtype, feature):
     args, k_pos, key_mask = problem(heads, kv_heads, s_q, s_k, bias, dtype)
     mask = key_mask if masked else None
     positions = (k_pos[:, s_k - s_q :], k_pos, rope()) if with_rope else (None, None, None)
-    got = triton_decoder.rank_space_attention(*args, heads, kv_heads, mask, causal, None, *positions)
-    want = reference.rank_space_attention(*fp32(args), heads, kv_heads, mask, causal, None, *positions)
+    extra = features(feature, window=20)  # wider than a 16-key block: blocks are skipped and masked
+    got = triton_decoder.rank_space_attention(
+        *args, heads, kv_heads, mask, causal, None, *positions, block_m=16, block_n=16, **extra
+    )
+    want = reference.rank_space_attention(
+        *fp32(args), heads, kv_heads, mask, causal, None, *positions, **extra
+    )
     assert got.dtype == dtype and got.shape == (2, s_q, heads * HEAD_DIM)
     assert (real(got.float(), key_mask) - real(want, key_mask)).abs().max() <= TOL[dtype]
+
+
+def test_window_hides_keys_by_cache_index():
+    """The reference's window against an explicit mask: causal keeps keys ``q - window < k <= q``,
+    bidirectional ``|q - k| < window``."""
+    args, _, _ = problem(2, 2, 10, 10)
+    pq, pk, pv, q, k, v = args
+    for causal in (True, False):
+        got = reference.rank_space_attention(*args, 2, 2, None, causal, None, window=3)
+        qh = reference.split_heads(reference.rebuild(pq, q.U), 2)
+        kh = reference.split_heads(reference.rebuild(pk, k.U), 2)
+        i = torch.arange(10)
+        keep = (i[:, None] - i[None, :]).abs() < 3
+        if causal:
+            keep &= i[None, :] <= i[:, None]
+        s = (qh @ kh.transpose(-1, -2) / HEAD_DIM**0.5).masked_fill(~keep, float("-inf"))
+        want = reference.merge_heads(s.softmax(-1) @ reference.split_heads(reference.rebuild(pv, v.U), 2))
+        assert (got - want).abs().max() <= 1e-5
 
 
 def test_default_positions_are_the_key_indices():

@@ -277,6 +277,12 @@ def test_hf_mask_reduction():
     assert key_mask_from_hf(causal, causal=True)[0]
     assert not key_mask_from_hf(causal, causal=False)[0]  # not plain padding: caller falls back
     assert key_mask_from_hf(None, causal=False) == (True, None)
+    # a sliding window (2 keys) on top of causality: recognised with the window, not without
+    i = torch.arange(3)
+    sliding = causal & ((i[:, None] - i[None, :]) < 2)
+    ok, got = key_mask_from_hf(sliding, causal=True, window=2)
+    assert ok and torch.equal(got, key)
+    assert not key_mask_from_hf(sliding, causal=True)[0]
 
 
 def test_triton_backend_keeps_gradients_on_the_torch_path():
