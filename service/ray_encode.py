@@ -161,7 +161,8 @@ def encode_to_parts(
     gpus_per_actor: float, batch_size: int, device: str | None, torch_threads: int | None,
 ) -> int:
     """Stream ``source`` through the encoder actors into shard parts under ``parts``; rows written."""
-    encoded = ray.data.read_json(str(source)).map_batches(
+    light = {"num_cpus": 0.25}  # reading and writing parts: small, and never starved by the encoder actors
+    encoded = ray.data.read_json(str(source), ray_remote_args=light).map_batches(
         EncodeBatch,
         fn_constructor_args=(options, device, torch_threads),
         batch_size=batch_size,
@@ -170,7 +171,7 @@ def encode_to_parts(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
     )
-    written = encoded.map_batches(write_parts, fn_args=(str(parts), shards), batch_format="numpy", batch_size=None)
+    written = encoded.map_batches(write_parts, fn_args=(str(parts), shards), batch_format="numpy", batch_size=None, **light)
     return sum(int(b["rows"].sum()) for b in written.iter_batches(batch_size=None, batch_format="numpy"))
 
 
@@ -183,6 +184,9 @@ def index_on_ray(
     head or joins ``--address``)."""
     context = pipeline.context
     index_dir = context.require_index_dir("streamrank index --ray")
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    # the actors leave half a CPU to the read and write tasks, or the stream stalls on a small cluster
+    cpus_per_actor = min(cpus_per_actor, max(0.1, (cpus - 0.5) / actors))
     store = context.store
     if rebuild or len(store) == 0:
         documents = pipeline.corpus_documents()
