@@ -507,10 +507,14 @@ class DenseRetriever(IndexedRetriever):
         """The corpus identity the open index's manifest records (compaction keeps it: same documents)."""
         return (self._manifest or {}).get("corpus_checksum")
 
-    def close(self) -> None:
+    def wait_for_compaction(self) -> None:
+        """Return once a background compaction that is running has finished."""
         compactor = self._compactor
         if compactor is not None:
             compactor.join()
+
+    def close(self) -> None:
+        self.wait_for_compaction()
         super().close()
 
     # ---- searching ----------------------------------------------------------------------------

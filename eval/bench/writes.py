@@ -319,8 +319,7 @@ def _after_deletes(name: str, pipeline: Any, dense: Any, vectors: Vectors, corpu
     held = _hold_compaction(dense)
     fresh_dir = work.with_name(work.name + "-fresh")
     if held:
-        if dense._compactor is not None:
-            dense._compactor.join()
+        dense.wait_for_compaction()
         shutil.rmtree(fresh_dir, ignore_errors=True)
         shutil.copytree(work, fresh_dir)
         fresh = load_pipeline(name, index_dir=fresh_dir, corpus="")
