@@ -140,7 +140,9 @@ def layer_rope(rotary: nn.Module, layer_type: str | None = None) -> Rope:
 def layer_ropes(model: nn.Module) -> list[Rope]:
     """The RoPE of each layer of ``model``'s decoder stack (the one module with ``layers`` and ``rotary_emb``)."""
     stacks = [
-        m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList) and rotary_of(m) is not None
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layers", None), nn.ModuleList) and rotary_of(m) is not None
     ]
     if len(stacks) != 1:
         raise UnsupportedDecoder(f"expected one decoder stack with a rotary embedding, found {len(stacks)}")
