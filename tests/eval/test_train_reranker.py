@@ -219,6 +219,7 @@ def student_losses(
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "lr"), [(FIRST, 3e-3), (GROUPWISE, 3e-3)], ids=["first", "groupwise"])
 def test_the_llm_loss_goes_down_on_a_fixed_batch(
     stage: str, lr: float, tmp_path: Path, tiny_dataset: Path
@@ -232,6 +233,7 @@ def test_the_e2rank_loss_goes_down_on_a_fixed_batch(tmp_path: Path, tiny_dataset
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_first_trains_resumes_saves_and_the_folder_ranks(tmp_path: Path, tiny_dataset: Path) -> None:
     data = tiny_dataset
     config = pipeline_file(tmp_path, data, FIRST)
@@ -300,6 +302,7 @@ def test_heldout_examples_are_kept_out_and_both_models_reported(tmp_path: Path, 
     assert record["examples"] == len(json.loads((out / "checkpoint" / "examples.json").read_text())["examples"]) - 2
 
 
+@pytest.mark.slow
 def test_e2rank_trains_resumes_and_the_folder_ranks(tmp_path: Path, tiny_dataset: Path) -> None:
     data = tiny_dataset
     config = pipeline_file(tmp_path, data, E2RANK, llm=None)

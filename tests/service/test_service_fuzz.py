@@ -143,6 +143,7 @@ def check(result: dict[str, Any], what: str, summary_line: Callable[[str], None]
     assert OPERATIONS <= set(documented), line
 
 
+@pytest.mark.slow
 def test_fuzz_openapi_no_server_errors(
     app: Any, summary_line: Callable[[str], None], record_property: Callable[[str, object], None]
 ) -> None:
