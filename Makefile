@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip -q --disable-pip-version-check
+# setuptools tells every editable install, in ten lines, that a folder named like the package could shadow it
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip -q --disable-pip-version-check
 DATASETS ?= $(abspath ../shared/datasets)
 export STREAMRANK_DATASETS ?= $(DATASETS)
 export STREAMRANK_HOME ?= $(CURDIR)/.streamrank
