@@ -296,6 +296,18 @@ class PromptBuilder:
         enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
+    def bare_token(self, label: str) -> int | None:
+        """The vocabulary token that is exactly ``label`` (no leading-space marker), or None.
+
+        A byte-level BPE tokenizer (Qwen, Llama 3) merges "[A" into one token inside the prompt; after the
+        prompt's closing "[" the model's next token is then the bare "A", the single-character token that
+        rank_llm's ``_evaluate_logits`` reads."""
+        tokenizer = self.llm.tokenizer
+        token_id = tokenizer.convert_tokens_to_ids(label)
+        if not isinstance(token_id, int) or token_id == getattr(tokenizer, "unk_token_id", None):
+            return None
+        return token_id if tokenizer.decode([token_id]) == label else None
+
     # ---- whole prompts ---------------------------------------------------------------------
     def build(
         self, query: str, contents: Sequence[str], labels: Sequence[str], *, single_token: bool = True
@@ -333,12 +345,13 @@ class PromptBuilder:
         label_ids = []
         for label, span in zip(labels, label_spans, strict=True):
             index = by_span.get(span)
-            if index is None and single_token:
+            label_id = ids[index] if index is not None else self.bare_token(label)
+            if label_id is None and single_token:
                 raise RankerError(
-                    f"{self.llm.name}: identifier [{label}] is not one token inside the prompt; "
-                    "the template's identifiers do not suit this tokenizer"
+                    f"{self.llm.name}: identifier [{label}] is not one token, inside the prompt or on its "
+                    "own; the template's identifiers do not suit this tokenizer"
                 )
-            label_ids.append(-1 if index is None else ids[index])
+            label_ids.append(-1 if label_id is None else label_id)
         if t.answer_opener and offsets[-1] != (len(text) - len(t.answer_opener), len(text)):
             raise RankerError(
                 f"{self.llm.name}: the prompt's last token is {ids[-1]}, not the answer's opening "

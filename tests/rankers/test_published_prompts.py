@@ -230,3 +230,45 @@ def test_prompts_equal_rank_llm_with_a_sentencepiece_style_tokenizer(
         assert ids[: len(ids) - len(opener)] == tokenizer.encode(expected) and count == len(ids) - len(opener)
         if alpha:
             assert [tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
+
+
+def merging_byte_level_tokenizer():
+    """A byte-level BPE tokenizer (Qwen's and Llama 3's kind) whose merges turn "[A" .. "[T" into single tokens,
+    as Qwen2.5's vocabulary does, while "A" .. "T" stay tokens on their own; everything else stays bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("[", chr(65 + i)) for i in range(20)]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|system|>", "<|user|>", "<|assistant|>", "</s>"])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    out.chat_template = ZEPHYR_CHAT
+    return out
+
+
+def test_first_identifiers_on_a_tokenizer_that_merges_the_bracket() -> None:
+    """Where "[A" is one token inside the prompt (Qwen2.5), the identifier read after the closing "[" is the
+    bare "A" token, the single-character token rank_llm's logits path reads; the prompt stays rank_llm's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = merging_byte_level_tokenizer()
+    assert len(tokenizer.encode("[A]", add_special_tokens=False)) == 2  # "[A" "]": the case under test
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+    )  # fmt: skip
+    llm = CausalLM(LlamaForCausalLM(config).eval(), tokenizer, "merging-byte-level")
+    reference = ListwiseOSLLM("rank_zephyr_alpha_template", tokenizer, use_alpha=True)
+    builder = PromptBuilder(llm, LLMSettings(), "first")
+    candidates = passages(0)
+    expected, _ = reference.create_prompt(reference.result(QUERIES[0], candidates), 0, 20)
+    prompt = builder.listwise(QUERIES[0], candidates)
+    assert prompt.text == expected + "["
+    assert prompt.labels == tuple(chr(65 + i) for i in range(20))
+    assert [tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
+    assert len(set(prompt.label_ids)) == 20
