@@ -99,10 +99,9 @@ def identifier_logits(
     llm: CausalLM, prompt: ListwisePrompt, prefix: PrefixCache | None
 ) -> tuple[torch.Tensor, Any]:
     """Logits of the prompt's identifiers at the answer position (one forward pass)."""
-    present = set(prompt.body)
     for label, label_id in zip(prompt.labels, prompt.label_ids, strict=True):
-        if label_id < 0 or label_id not in present:
-            raise RankerError(f"identifier [{label}] (token {label_id}) is missing from the prompt")
+        if label_id < 0:  # the prompt builder located each identifier (in context or as a bare token)
+            raise RankerError(f"identifier [{label}] has no single token in this prompt")
     if prefix is not None and prefix.ids != list(prompt.prefix):
         prefix = None  # this prompt's prefix differs from the cached one: compute it whole
     sequence = list(prompt.body if prefix is not None else prompt.ids)

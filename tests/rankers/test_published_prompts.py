@@ -272,3 +272,9 @@ def test_first_identifiers_on_a_tokenizer_that_merges_the_bracket() -> None:
     assert prompt.labels == tuple(chr(65 + i) for i in range(20))
     assert [tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
     assert len(set(prompt.label_ids)) == 20
+    from streamrank.rankers.listwise import identifier_logits
+
+    values, _ = identifier_logits(llm, prompt, None)  # the FIRST stage's one forward pass reads them
+    with torch.inference_mode():
+        last = llm.model(input_ids=torch.tensor([list(prompt.ids)])).logits[0, -1]
+    assert torch.allclose(values, last[list(prompt.label_ids)], atol=1e-5)
