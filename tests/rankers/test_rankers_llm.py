@@ -263,9 +263,9 @@ def test_constant_or_missing_identifier_logits_raise(llm: CausalLM) -> None:
     assert order_from_logits(torch.tensor([0.1, 3.0, 2.0])) == [1, 2, 0]
 
 
-def test_missing_identifier_in_prompt_raises(llm: CausalLM) -> None:
+def test_identifier_without_a_token_raises(llm: CausalLM) -> None:
     prompt = PromptBuilder(llm, LLMSettings()).listwise(QUERY, PASSAGES[:2])
-    broken = dataclasses.replace(prompt, body=tuple(t for t in prompt.body if t != prompt.label_ids[1]))
+    broken = dataclasses.replace(prompt, label_ids=(prompt.label_ids[0], -1))
     with pytest.raises(RankerError, match=r"identifier \[B\]"):
         identifier_logits(llm, broken, None)
 
