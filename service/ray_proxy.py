@@ -17,7 +17,8 @@ answers, errors included) sends the request again after a short pause, to anothe
 has marked the dead one). Every route may be sent again: searches and reranks only read; writes are
 upserts and deletes by id, so a second delivery leaves the same state (a single delete whose first
 delivery had applied answers 404, which is what is stored). After the last attempt it answers 503 with
-``Retry-After``; a 503 the proxy sends without ``Retry-After`` gets one.
+``Retry-After``; a 503 the proxy sends without ``Retry-After`` gets one. An answer that came after
+sending again carries ``X-StreamRank-Resent: <times>``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ CALLBACK = "streamrank.service.ray_proxy:middlewares"
 PAUSES_S = (0.2, 0.5, 1.0, 2.0)
 """Pause before each further attempt (the replica's death reaches the router within a second or two)."""
 RETRY_AFTER_S = 1
+RESENT_HEADER = b"x-streamrank-resent"
+"""Set on an answer that came after the request was sent again: how many times it was (the replicas it lost)."""
 MAX_REPLAYED_BODY = 16 * 1024 * 1024
 """Bodies larger than this are streamed through, not kept: such a request is answered 503 when lost."""
 
@@ -53,15 +56,17 @@ class RetryLostReplica:
             await self.app(scope, receive, send)
             return
         body, complete = await read_body(receive)
-        for pause in (*self.pauses_s, None):
+        for resent, pause in enumerate((*self.pauses_s, None)):
             started = False
 
-            async def forward(message: Message) -> None:
+            async def forward(message: Message, resent: int = resent) -> None:
                 nonlocal started
                 if message["type"] == "http.response.start":
                     started = True
                     if message["status"] == 503:
-                        message = with_retry_after(message, self.retry_after_s)
+                        message = with_header(message, b"retry-after", str(self.retry_after_s).encode())
+                    if resent:
+                        message = with_header(message, RESENT_HEADER, str(resent).encode())
                 await send(message)
 
             try:
@@ -103,10 +108,11 @@ def replay(body: list[Message], receive: Receive) -> Receive:
     return next_message
 
 
-def with_retry_after(start: Message, seconds: int) -> Message:
+def with_header(start: Message, name: bytes, value: bytes) -> Message:
+    """``start`` (an ``http.response.start`` message) with the header ``name`` added unless it has one."""
     headers = list(start.get("headers", []))
-    if not any(name.lower() == b"retry-after" for name, _ in headers):
-        headers.append((b"retry-after", str(seconds).encode()))
+    if not any(key.lower() == name for key, _ in headers):
+        headers.append((name, value))
     return {**start, "headers": headers}
 
 

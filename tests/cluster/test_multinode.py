@@ -130,6 +130,8 @@ class Load:
         self.codes: list[tuple[float, str, int]] = []
         """(time sent, kind, status) of every request."""
         self.acked: list[Document] = []
+        self.resent = 0
+        """Requests the HTTP proxy sent again because the replica running them died."""
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.searcher, args=(n,)) for n in range(clients)]
         self.threads.append(threading.Thread(target=self.writer))
@@ -147,6 +149,7 @@ class Load:
     def record(self, sent: float, kind: str, reply: httpx.Response) -> None:
         """A 503 without ``Retry-After`` is kept as -503 (the checks accept 200 and 503 only)."""
         code = reply.status_code
+        self.resent += "X-StreamRank-Resent" in reply.headers
         self.codes.append((sent, kind, -code if code == 503 and "Retry-After" not in reply.headers else code))
 
     def searcher(self, n: int) -> None:
@@ -244,7 +247,8 @@ def test_killed_replica_under_load(
     assert_same_rankings(cluster.url, cluster.sharded, corpus, minilm, queries[:4])
     summary_line(
         f"kill {victim}: replaced in {recovered_s:.1f} s; searches ok again after {first_search} s, writes after "
-        f"{first_write} s; {len(load.acked)} acknowledged writes all found; {load.summary()}"
+        f"{first_write} s; {len(load.acked)} acknowledged writes all found; {load.resent} requests in flight on "
+        f"a dead replica sent again by the proxy; {load.summary()}"
     )
 
 

@@ -54,6 +54,7 @@ def test_a_lost_request_is_sent_again_with_its_body(raises: bool) -> None:
     proxy = FlakyProxy(lost=2, raises=raises)
     reply = post(proxy, b'{"documents": []}')
     assert reply.status_code == 200 and reply.content == b'{"documents": []}'
+    assert reply.headers["X-StreamRank-Resent"] == "2"
     assert proxy.bodies == [b'{"documents": []}'] * 3
 
 
@@ -67,7 +68,9 @@ def test_a_request_lost_every_time_is_a_503_with_retry_after() -> None:
 
 def test_the_application_answers_pass_through_and_a_503_gets_retry_after() -> None:
     failed = FlakyProxy(lost=0, status=500)
-    assert post(failed, b"x").status_code == 500 and len(failed.bodies) == 1  # an answer is never sent again
+    answered = post(failed, b"x")
+    assert answered.status_code == 500 and len(failed.bodies) == 1  # an answer is never sent again
+    assert "X-StreamRank-Resent" not in answered.headers
     busy = FlakyProxy(lost=0, status=503)
     reply = post(busy, b"x")
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "1" and len(busy.bodies) == 1
