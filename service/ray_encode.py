@@ -164,7 +164,7 @@ def encode_to_parts(
 ) -> int:
     """Stream ``source`` through the encoder actors into shard parts under ``parts``; rows written."""
     light = {"num_cpus": 0.25}  # reading and writing parts: small, and never starved by the encoder actors
-    encoded = ray.data.read_json(str(source), ray_remote_args=light).map_batches(
+    encoded = ray.data.read_json(str(source), **light).map_batches(
         EncodeBatch,
         fn_constructor_args=(options, device, torch_threads),
         batch_size=batch_size,
