@@ -69,12 +69,13 @@ class RetryLostReplica:
                         message = with_header(message, RESENT_HEADER, str(resent).encode())
                 await send(message)
 
+            client = Replay(body, receive)
             try:
-                await self.app(scope, replay(body, receive), forward)
+                await self.app(scope, client, forward)
             except Exception:
                 if started:
                     raise
-            if started:
+            if started or client.gone:  # answered, or nobody is left to answer
                 return
             if pause is None or not complete:
                 break
@@ -96,16 +97,18 @@ async def read_body(receive: Receive) -> tuple[list[Message], bool]:
             return messages, False
 
 
-def replay(body: list[Message], receive: Receive) -> Receive:
-    """A ``receive`` that gives the kept body messages again, then waits on the client (its disconnect)."""
-    pending = list(body)
+class Replay:
+    """A ``receive`` that gives the kept body messages again, then waits on the client; ``gone`` once
+    the client disconnected (a lost request is then not sent again)."""
 
-    async def next_message() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
+    def __init__(self, body: list[Message], receive: Receive) -> None:
+        self.pending, self.receive = list(body), receive
+        self.gone = any(m["type"] == "http.disconnect" for m in body)
 
-    return next_message
+    async def __call__(self) -> Message:
+        message = self.pending.pop(0) if self.pending else await self.receive()
+        self.gone = self.gone or message["type"] == "http.disconnect"
+        return message
 
 
 def with_header(start: Message, name: bytes, value: bytes) -> Message:

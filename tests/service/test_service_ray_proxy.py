@@ -81,3 +81,23 @@ def test_the_application_answers_pass_through_and_a_503_gets_retry_after() -> No
 def test_the_proxy_callback_returns_the_middleware() -> None:
     (installed,) = middlewares()
     assert isinstance(installed, Middleware) and installed.cls is RetryLostReplica
+
+
+def test_a_request_whose_client_left_is_not_sent_again() -> None:
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    class Leaves(FlakyProxy):
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await super().__call__(scope, receive, send)
+            await receive()  # the proxy watches for the client's disconnect
+
+    proxy = Leaves(lost=10)
+    asyncio.run(RetryLostReplica(proxy, pauses_s=(0.0, 0.0))({"type": "http", "headers": []}, receive, send))
+    assert len(proxy.bodies) == 1 and sent == []
