@@ -17,7 +17,9 @@ sees row counts, and builds the other stages (BM25...) as ``streamrank index`` d
 flat as the corpus grows (``streamrank bench ray-index`` measures it).
 
 Vectors equal the local path's up to float rounding (batches of another composition pad to other
-lengths); ``tests/cluster/test_ray_encode.py`` reports the largest difference.
+lengths); ``tests/cluster/test_ray_encode.py`` reports the largest difference, and
+``python -m streamrank.service.ray_encode LOCAL_DENSE_DIR RAY_DENSE_DIR`` prints it for two built
+(unsharded) dense index folders (:func:`vector_difference`).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def encode_to_parts(
 ) -> int:
     """Stream ``source`` through the encoder actors into shard parts under ``parts``; rows written."""
     light = {"num_cpus": 0.25}  # reading and writing parts: small, and never starved by the encoder actors
-    encoded = ray.data.read_json(str(source), ray_remote_args=light).map_batches(
+    encoded = ray.data.read_json(str(source), **light).map_batches(
         EncodeBatch,
         fn_constructor_args=(options, device, torch_threads),
         batch_size=batch_size,
@@ -173,6 +175,25 @@ def encode_to_parts(
     )
     written = encoded.map_batches(write_parts, fn_args=(str(parts), shards), batch_format="numpy", batch_size=None, **light)
     return sum(int(b["rows"].sum()) for b in written.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def vector_difference(first: Path, second: Path) -> float:
+    """Largest absolute difference between the vectors of the same documents in two unsharded dense
+    index folders (``embeddings.npy`` rows in ``ids.json`` order); a ConfigError when their ids differ."""
+    import json
+
+    from streamrank.errors import ConfigError
+
+    loaded = []
+    for folder in (Path(first), Path(second)):
+        ids = json.loads((folder / "ids.json").read_text())
+        loaded.append((ids, np.load(folder / "embeddings.npy", mmap_mode="r")))
+    (ids_a, vectors_a), (ids_b, vectors_b) = loaded
+    if sorted(ids_a) != sorted(ids_b):
+        raise ConfigError(f"{first} and {second} index different documents ({len(ids_a)} vs {len(ids_b)} ids)")
+    rows_b = {doc_id: n for n, doc_id in enumerate(ids_b)}
+    order = np.array([rows_b[doc_id] for doc_id in ids_a], dtype=np.int64)
+    return float(np.abs(np.asarray(vectors_a) - np.asarray(vectors_b)[order]).max(initial=0.0))
 
 
 def index_on_ray(
@@ -215,6 +236,21 @@ def index_on_ray(
             shutil.rmtree(parts, ignore_errors=True)
         built.add(id(stage))
         encoded[stage.name] = rows
-    for stage in pipeline.iter_stages():  # the rest as `streamrank index` builds it; the dense indexes exist now
-        stage.build(store, rebuild=rebuild and id(stage) not in built)
+    for stage in pipeline.iter_stages():  # the rest as `streamrank index` builds it
+        if id(stage) not in built:  # built by the workers: checking them here would read every document of a shard
+            stage.build(store, rebuild=rebuild)
     return encoded
+
+
+
+def main(argv: list[str]) -> int:
+    """``python -m streamrank.service.ray_encode FIRST_DENSE_DIR SECOND_DENSE_DIR``: the largest difference."""
+    first, second = (Path(a) for a in argv)
+    print(f"{first} vs {second}: max abs difference {vector_difference(first, second):.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -25,7 +25,8 @@ awaited handle call (:mod:`streamrank.service.ray_calls`):
   pipeline replica's sharded stages scatter to them with ``await asyncio.gather``.
 
 Failures: Serve's health checks replace dead replicas; a read whose replica died is sent again (at most
-twice); a deployment with no healthy replica answers 503 with ``Retry-After`` within
+twice); a request whose ingress replica died is sent again by the HTTP proxy (:mod:`~streamrank.service.ray_proxy`),
+or answered 503 with ``Retry-After``; a deployment with no healthy replica answers 503 with ``Retry-After`` within
 ``ray.call_timeout_s``; errors cross deployments by class (:mod:`streamrank.service.wire`).
 """
 
@@ -70,7 +71,7 @@ log = logging.getLogger("streamrank.service.ray")
 PASSED_ENV = (
     "STREAMRANK_HOME", "STREAMRANK_DATASETS", "STREAMRANK_MODELS", "STREAMRANK_OFFLINE", "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "TRITON_INTERPRET",
-    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S",
+    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
 )
 """Environment the driver hands to every replica (models and data found the same way)."""
 WRITER = "writer"
@@ -532,9 +533,20 @@ def deployment_options(
     return options
 
 
+def serve_environment() -> None:
+    """Serve's settings from the environment, set (unless given) before Ray starts so every node's
+    processes inherit them: a longer queue-length probe deadline (loaded CPUs answer slowly) and the HTTP
+    proxy's middleware that sends again a request whose ingress replica died (:mod:`~streamrank.service.ray_proxy`).
+    A cluster started with ``ray start`` needs them in the environment of ``ray start`` on each node."""
+    from streamrank.service.ray_proxy import CALLBACK
+
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)
+
+
 def start_ray(ray_settings: RaySettings, **init: Any) -> None:
     """Join the cluster at ``address``, or start a local head (127.0.0.1, no dashboard)."""
-    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")  # loaded CPUs answer slowly
+    serve_environment()
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"namespace": ray_settings.namespace, "include_dashboard": False}
@@ -594,4 +606,4 @@ def with_ray(settings: Settings, address: str | None) -> Settings:
     return settings.model_copy(update={"ray": ray_settings})
 
 
-__all__ = ["build_application", "deploy", "run_on_ray", "undeploy", "with_ray"]
+__all__ = ["build_application", "deploy", "run_on_ray", "serve_environment", "undeploy", "with_ray"]
