@@ -451,9 +451,14 @@ class PPRStage(IndexedStage):
         return False
 
     def wait_for_refresh(self) -> None:
+        """Return once a background refresh that is running has finished."""
         thread = self._refresh_thread
         if thread is not None:
             thread.join()
+
+    def close(self) -> None:
+        self.wait_for_refresh()
+        super().close()
 
     def _refresh(self) -> None:
         """The refresh: snapshot the live graph under the lock (O(changed rows)), build and write the new
