@@ -13,8 +13,7 @@ manifest.
 
 Additions and deletions go through a Lucene ``IndexWriter`` opened in append mode
 (``updateDocument``/``deleteDocuments`` on the ``id`` term, so a re-added id replaces the old
-document atomically); the searcher moves to the new commit with ``DirectoryReader.openIfChanged`` (the segments the
-write did not change stay open and shared), so it sees the change.
+document atomically); the searcher is reopened afterwards so it sees the change.
 
 Supplied pools: when every supplied document is in this index (same id and same text as the
 store's copy), the pool is scored with the exact BM25 score of each document for the query (one
@@ -127,15 +126,11 @@ class BM25Retriever(IndexedRetriever):
             self._searcher = None
 
     def _update(self, apply) -> dict[str, Any]:
-        """Run ``apply(writer)`` on an append-mode writer, commit (durable), and move the searcher to the
-        commit incrementally (``lucene.reopen``: unchanged segments stay open and shared)."""
+        """Run ``apply(writer)`` on an append-mode writer, commit, and reopen the searcher."""
         folder = self.folder
+        self._release()  # readers may stay open, but reopen below so searches see the commit
         lucene.write_with(folder, self._analyzer(), False, apply)
-        if self._searcher is None:
-            self._open(folder, self._manifest or {})
-        else:
-            self._searcher.num_docs = lucene.reopen(self._searcher.object)
-            self._searcher.set_bm25(self.config.k1, self.config.b)  # Anserini's own searcher over the new reader
+        self._open(folder, self._manifest or {})
         return {"doc_count": int(self._searcher.num_docs)}
 
     def _add(self, documents: Sequence[Document]) -> dict[str, Any]:

@@ -21,8 +21,6 @@ _CLASSES = {
     "OpenMode": "org.apache.lucene.index.IndexWriterConfig$OpenMode",
     "IndexOptions": "org.apache.lucene.index.IndexOptions",
     "FSDirectory": "org.apache.lucene.store.FSDirectory",
-    "DirectoryReader": "org.apache.lucene.index.DirectoryReader",
-    "IndexSearcher": "org.apache.lucene.search.IndexSearcher",
     "Paths": "java.nio.file.Paths",
     "Term": "org.apache.lucene.index.Term",
     "ArrayList": "java.util.ArrayList",
@@ -83,24 +81,6 @@ def write_with(folder: Path, analyzer: Any, create: bool, apply: Callable[[Any],
         writer.commit()
     finally:
         writer.close()
-
-
-def reopen(searcher: Any) -> int:
-    """Move an Anserini searcher (``SimpleSearcher``, ``SimpleImpactSearcher``: the ``object`` of pyserini's
-    searchers) to the index's latest commit with ``DirectoryReader.openIfChanged``: the segments that did
-    not change are shared with the old reader, not opened again, so a write's reopen costs the segments it
-    wrote, not the index. Returns the live document count."""
-    from jnius import cast
-
-    j = java()
-    old = cast("org.apache.lucene.index.DirectoryReader", searcher.reader)
-    new = j.DirectoryReader.openIfChanged(old)
-    if new is not None:
-        index_searcher = j.IndexSearcher(cast("org.apache.lucene.index.IndexReader", new))
-        index_searcher.setSimilarity(searcher.similarity)
-        searcher.reader, searcher.searcher = new, index_searcher
-        old.close()  # releases only what the new reader does not share (segment readers are ref-counted)
-    return int(searcher.reader.numDocs())
 
 
 def id_filter(doc_ids: Sequence[str]) -> Any:

@@ -177,13 +177,10 @@ class SpladeRetriever(IndexedRetriever):
             self._searcher = None
 
     def _update(self, apply: Any) -> dict[str, Any]:
-        """Commit the write (durable), then move the searcher to it incrementally (``lucene.reopen``)."""
         folder = self.folder
+        self._release()
         lucene.write_with(folder, lucene.java().WhitespaceAnalyzer(), False, apply)
-        if self._searcher is None:
-            self._open(folder, self._manifest or {})
-        else:
-            self._searcher.num_docs = lucene.reopen(self._searcher.object)
+        self._open(folder, self._manifest or {})
         return {"doc_count": int(self._searcher.num_docs)}
 
     def _add(self, documents: Sequence[Document]) -> dict[str, Any]:
