@@ -136,6 +136,10 @@ class IndexedStage(BaseStage):
         self._release()
         self._open(folder, manifest)
 
+    def manifest_checksum(self) -> str | None:
+        """The corpus identity the open index's manifest records (compaction keeps it: same documents)."""
+        return (self._manifest or {}).get("corpus_checksum")
+
     def _save_manifest(self, info: dict[str, Any], checksum: str | None) -> None:
         """Write the manifest (synced outside :attr:`lock`; swapped in and noted under it, so a search
         never takes this process's own write for another process's and reloads)."""

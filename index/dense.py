@@ -227,6 +227,13 @@ class DenseRetriever(IndexedRetriever):
             out[missing] = self.encode_documents([found[doc_ids[n]] for n in missing])
         return out
 
+    def nearest(self, doc_ids: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+        """The ``k`` live documents nearest each of ``doc_ids`` (by its stored vector, itself included),
+        searched in the index as queries are: what the corpus graph links a new document to."""
+        vectors = self.embeddings_for(doc_ids)
+        with self.lock:
+            return self._search([None] * len(doc_ids), vectors, k)  # type: ignore[list-item]
+
     def stored_vectors(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored embeddings of those of ``doc_ids`` the index holds (none when there is no index)."""
         if not self._try_open():
@@ -502,10 +509,6 @@ class DenseRetriever(IndexedRetriever):
             seg.remove_strays(folder, tag)
         log.info("dense stage %r: compacted %d rows to %d in %.1f s", self.name, len(ids), len(live), time.perf_counter() - started)
         return True
-
-    def manifest_checksum(self) -> str | None:
-        """The corpus identity the open index's manifest records (compaction keeps it: same documents)."""
-        return (self._manifest or {}).get("corpus_checksum")
 
     def wait_for_compaction(self) -> None:
         """Return once a background compaction that is running has finished."""

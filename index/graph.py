@@ -37,6 +37,21 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 GRAPH_FILE = "graph.npz"
+NEXT_GRAPH_FILE = "graph.next.npz"
+"""A refreshed graph written but not yet switched to (a crash there leaves it; the next refresh replaces it)."""
+
+
+def log_path(folder: Path, tag: str) -> Path:
+    """The write log continuing the saved graph whose ``log`` tag is ``tag``."""
+    return Path(folder) / f"graph-segments{tag}.log"
+
+
+def remove_stray_logs(folder: Path, tag: str) -> None:
+    """Delete write logs other than the one of ``tag`` (left by a refresh); hold the folder's writer lock."""
+    keep = log_path(folder, tag)
+    for path in Path(folder).glob("graph-segments*.log"):
+        if path != keep:
+            path.unlink(missing_ok=True)
 
 
 def personalised_query(query_vec: np.ndarray, history_vecs: np.ndarray, weight: float) -> np.ndarray:
@@ -131,6 +146,8 @@ class CorpusGraph:
     """Changes with every add/delete; derived data (fingerprints) records the version it was made from."""
     lexical: sp.csr_matrix | None = None
     """Symmetric lexical-neighbour weights (an empty matrix when the graph has none)."""
+    log: str = ""
+    """Tag of the write log that continues this saved graph (``graph-segments<log>.log``)."""
     row_of: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -260,12 +277,14 @@ class CorpusGraph:
         return adjacency
 
     # ---- persistence ----------------------------------------------------------------------------
-    def save(self, folder: Path) -> None:
-        """Write ``graph.npz`` (matrix, ids, settings, version) atomically into ``folder``."""
-        meta = {"neighbors": self.neighbors, "min_similarity": self.min_similarity, "version": self.version}
+    def save(self, folder: Path, name: str = GRAPH_FILE) -> None:
+        """Write ``graph.npz`` (matrix, ids, settings, version, log tag) atomically into ``folder``."""
+        meta = {
+            "neighbors": self.neighbors, "min_similarity": self.min_similarity, "version": self.version, "log": self.log,
+        }
         lex = self.lexical
         lexical = {"lexical_data": lex.data, "lexical_indices": lex.indices, "lexical_indptr": lex.indptr}
-        save_sparse(Path(folder) / GRAPH_FILE, self.knn, meta, ids=np.array(self.ids, dtype=str), **lexical)
+        save_sparse(Path(folder) / name, self.knn, meta, ids=np.array(self.ids, dtype=str), **lexical)
 
     @classmethod
     def load(cls, folder: Path, user_edges: list[tuple[str, str, float]] | None = None) -> CorpusGraph:
@@ -279,7 +298,9 @@ class CorpusGraph:
             parts = (arrays["lexical_data"], arrays["lexical_indices"], arrays["lexical_indptr"])
             lexical = sp.csr_matrix(parts, shape=knn.shape)
         user = list(user_edges or [])
-        return cls(ids, knn, meta["neighbors"], meta["min_similarity"], user, meta["version"], lexical)
+        graph = cls(ids, knn, meta["neighbors"], meta["min_similarity"], user, meta["version"], lexical)
+        graph.log = str(meta.get("log", ""))
+        return graph
 
     def nbytes(self) -> int:
         return int(sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (self.knn, self.lexical)))
@@ -333,3 +354,126 @@ def _drop_nodes_edges(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     out = sp.csr_matrix(d @ matrix @ d)
     out.eliminate_zeros()
     return out
+
+
+class LiveGraph:
+    """A corpus graph that takes writes in O(what they touch): a :class:`CorpusGraph` snapshot (the last
+    full refresh) plus the rows changed since, as dicts, and tombstones for deleted documents.
+
+    Rows never move while the graph is live (new documents get new rows, deleted ones a tombstone);
+    :meth:`snapshot` renumbers them into a new :class:`CorpusGraph` (O(edges): a full refresh). Every
+    change goes through :meth:`apply`, with the op a write logs, so replaying a log rebuilds the state.
+    """
+
+    NODE, KNN, LEXICAL = "n", "k", "l"
+
+    def __init__(self, base: CorpusGraph) -> None:
+        self.base = base
+        self.ids: list[str] = list(base.ids)
+        self.row_of: dict[str, int] = dict(base.row_of)
+        self.rows: dict[str, dict[int, dict[int, float]]] = {self.KNN: {}, self.LEXICAL: {}}
+        self.dead: set[int] = set()
+        self.changed: set[str] = set()
+        """Documents added, replaced or deleted since the snapshot (the stage's ``staleness``)."""
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self.row_of
+
+    def live_ids(self) -> list[str]:
+        return [doc_id for row, doc_id in enumerate(self.ids) if row not in self.dead]
+
+    def row(self, kind: str, row: int) -> dict[int, float]:
+        """The current neighbours of ``row`` (weights by row), copied from the snapshot on first change."""
+        rows = self.rows[kind]
+        if row not in rows:
+            matrix = self.base.knn if kind == self.KNN else self.base.lexical
+            if row < matrix.shape[0]:
+                lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
+                rows[row] = dict(zip(matrix.indices[lo:hi].tolist(), matrix.data[lo:hi].tolist(), strict=True))
+            else:
+                rows[row] = {}
+        return rows[row]
+
+    def _unlink(self, row: int) -> None:
+        """Drop every edge touching ``row`` (both directions)."""
+        for kind in (self.KNN, self.LEXICAL):
+            for other in list(self.row(kind, row)):
+                self.row(kind, other).pop(row, None)
+            self.rows[kind][row] = {}
+
+    def _link(self, kind: str, a: int, b: int, weight: float) -> None:
+        for u, v in ((a, b), (b, a)):
+            edges = self.row(kind, u)
+            edges[v] = max(edges.get(v, 0.0), weight)
+
+    def apply(self, edges: Sequence[Sequence[str]], weights: Sequence[float]) -> None:
+        """Apply one logged add: ``(doc, "", "n")`` entries name the documents added or replaced (their
+        old edges dropped), then ``(src, dst, "k" | "l")`` entries link kNN / lexical edges both ways
+        (the larger weight kept; kNN edges at or below ``min_similarity`` and unknown ends skipped)."""
+        for (doc_id, _, kind), _w in zip(edges, weights, strict=True):
+            if kind != self.NODE:
+                continue
+            row = self.row_of.get(doc_id)
+            if row is None:
+                self.row_of[doc_id] = len(self.ids)
+                self.ids.append(doc_id)
+            else:
+                self._unlink(row)
+            self.changed.add(doc_id)
+        for (src, dst, kind), weight in zip(edges, weights, strict=True):
+            a, b = self.row_of.get(src), self.row_of.get(dst)
+            if kind == self.NODE or a is None or b is None or a == b:
+                continue
+            if kind == self.KNN and weight <= self.base.min_similarity:
+                continue
+            self._link(kind, a, b, float(weight))
+
+    def delete(self, doc_ids: Iterable[str]) -> list[str]:
+        """Tombstone documents (unknown ids ignored); returns those deleted."""
+        gone = []
+        for doc_id in doc_ids:
+            row = self.row_of.pop(doc_id, None)
+            if row is None:
+                continue
+            self._unlink(row)
+            self.dead.add(row)
+            self.changed.add(doc_id)
+            gone.append(doc_id)
+        return gone
+
+    def snapshot(self) -> tuple[CorpusGraph, np.ndarray, np.ndarray]:
+        """The live graph as a new :class:`CorpusGraph` (tombstones dropped, rows renumbered), the new
+        rows whose edges changed since the snapshot, and ``kept``: the old row of every surviving
+        snapshot row (the surviving snapshot rows come first, in order, then the new documents)."""
+        import scipy.sparse as sp
+
+        n_old, n = len(self.base.ids), len(self.ids)
+        alive = np.ones(n, dtype=bool)
+        alive[list(self.dead)] = False
+        new_row = np.cumsum(alive) - 1
+        matrices = []
+        for kind, matrix in ((self.KNN, self.base.knn), (self.LEXICAL, self.base.lexical)):
+            overlay = self.rows[kind]
+            keep_rows = np.ones(n_old, dtype=np.float32)
+            keep_rows[[r for r in overlay if r < n_old]] = 0.0
+            base = sp.csr_matrix(sp.diags(keep_rows) @ matrix)
+            base.resize((n, n))
+            r = [row for row, edges in overlay.items() for _ in edges]
+            c = [col for edges in overlay.values() for col in edges]
+            w = [weight for edges in overlay.values() for weight in edges.values()]
+            changed = sp.csr_matrix((np.array(w, dtype=np.float32), (r, c)), shape=(n, n))
+            merged = (base + changed).tocsr()
+            merged = merged[alive][:, alive].tocsr()
+            merged.eliminate_zeros()
+            matrices.append(merged)
+        ids = [doc_id for doc_id, a in zip(self.ids, alive, strict=True) if a]
+        graph = CorpusGraph(
+            ids, matrices[0], self.base.neighbors, self.base.min_similarity, list(self.base.user_edges),
+            lexical=matrices[1],
+        )
+        touched = sorted({row for rows in self.rows.values() for row in rows if alive[row]})
+        kept = np.flatnonzero(alive[:n_old]).astype(np.int64)
+        return graph, new_row[touched].astype(np.int64), kept

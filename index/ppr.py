@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from streamrank.index.bm25 import BM25Retriever
     from streamrank.index.dense import DenseRetriever
-    from streamrank.index.graph import CorpusGraph
+    from streamrank.index.graph import CorpusGraph, LiveGraph
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ class PPRConfig(IndexedConfig):
     """Name of the pipeline's BM25 stage the lexical neighbours are searched in (with ``lexical_neighbors``)."""
     lexical_weight: float = Field(0.5, ge=0)
     """Weight of the lexical edges (BM25 score / the document's best score) beside the kNN cosines."""
+    refresh_after: int = Field(1000, ge=1)
+    """Documents changed since the last full refresh of the graph (``staleness``) that start a refresh
+    in the background. Writes only append to a log; queries walk the last refreshed graph, with
+    documents deleted since filtered out (documents added since join it at the refresh)."""
     # solver
     alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1)
     solver: Literal["power", "montecarlo"] = "power"
@@ -114,6 +118,27 @@ class PPRConfig(IndexedConfig):
         return data
 
 
+class _Alive(Mapping[str, int]):
+    """The rows of the refreshed graph's documents that are still live (walk-time tombstone filter)."""
+
+    def __init__(self, row_of: Mapping[str, int], alive: Container[str]) -> None:
+        self.row_of, self.alive = row_of, alive
+
+    def __getitem__(self, doc_id: str) -> int:
+        if doc_id not in self.alive:
+            raise KeyError(doc_id)
+        return self.row_of[doc_id]
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self.row_of and doc_id in self.alive
+
+    def __iter__(self) -> Iterator[str]:
+        return (d for d in self.row_of if d in self.alive)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass
 class _Solved:
     """The open graph and what the solvers need from it."""
@@ -139,7 +164,13 @@ class PPRStage(IndexedStage):
 
     def __init__(self, config: PPRConfig, context: Any) -> None:
         super().__init__(config, context)
+        import threading
+
         self._solved: _Solved | None = None
+        self._live: LiveGraph | None = None
+        self._log_end = 0
+        self._refreshing = threading.Lock()
+        self._refresh_thread: threading.Thread | None = None
         self._bound: dict[str, Any] = {}
 
     # ---- the stages the graph is built from (bound by name when the pipeline is loaded) -------
@@ -236,7 +267,8 @@ class PPRStage(IndexedStage):
 
     # ---- index files -----------------------------------------------------------------------------
     def _write(self, folder: Path, documents: list[Document]) -> dict[str, Any]:
-        from streamrank.index.graph import CorpusGraph
+        from streamrank.index.dense_segments import new_generation
+        from streamrank.index.graph import CorpusGraph, LiveGraph
 
         started = time.perf_counter()
         ids = [d.id for d in documents]
@@ -247,8 +279,9 @@ class PPRStage(IndexedStage):
             min_similarity=self.config.min_similarity,
         )
         graph.link_lexical(self.lexical_edges(documents))
+        graph.log = new_generation()  # a fresh log: one an older build left is a stray
         graph.save(folder)
-        info = {**self._graph_counts(graph), "build_seconds": round(time.perf_counter() - started, 2)}
+        info = {**self._graph_counts(LiveGraph(graph)), "build_seconds": round(time.perf_counter() - started, 2)}
         if self.config.solver == "montecarlo":  # precomputed offline, with the index
             graph.user_edges = self._user_edges()
             solved = self._solve_state(graph)
@@ -257,15 +290,30 @@ class PPRStage(IndexedStage):
         return info
 
     def _open(self, folder: Path, manifest: dict[str, Any]) -> None:
-        from streamrank.index.graph import CorpusGraph
+        from streamrank.index.dense_segments import read_log
+        from streamrank.index.graph import CorpusGraph, LiveGraph, log_path
 
-        self._solved = self._solve_state(CorpusGraph.load(folder, self._user_edges()))
+        graph = CorpusGraph.load(folder, self._user_edges())
+        live = LiveGraph(graph)
+        records, self._log_end = read_log(log_path(folder, graph.log))
+        for record in records:
+            self._replay(live, record)
+        self._solved, self._live = self._solve_state(graph), live
+
+    @staticmethod
+    def _replay(live: Any, record: Any) -> None:
+        from streamrank.index.dense_segments import ADD
+
+        if record.op == ADD:
+            live.apply(record.ids, record.vectors[:, 0])
+        else:
+            live.delete(record.ids)
 
     def _release(self) -> None:
-        self._solved = None
+        self._solved = self._live = None
 
     def _live_ids(self) -> list[str]:
-        return list(self._solved.graph.ids) if self._solved else []
+        return self._live.live_ids() if self._live else []
 
     def _solve_state(self, graph: CorpusGraph, fingerprints: sp.csr_matrix | None = None) -> _Solved:
         lexical_weight = self.config.lexical_weight if self.config.lexical_neighbors else 0.0
@@ -295,60 +343,179 @@ class PPRStage(IndexedStage):
             save_fingerprints(path, solved.fingerprints, solved.graph.version)
         return solved.fingerprints
 
-    def _refresh_fingerprints(
-        self, old: _Solved, new: _Solved, changed: np.ndarray, kept: np.ndarray | None
-    ) -> None:
-        """Carry fingerprints over an update: rows whose walks touched a changed node are re-walked.
+    # ---- updates: appended to a log, walked after a refresh ----------------------------------------
+    WRITES_TAKE_LOCK = False  # searches are held only while a logged change is applied in memory
 
-        ``kept`` maps new rows to old rows after a delete (None after an add: old rows keep their number).
-        """
-        if self.config.solver != "montecarlo":
-            return  # a fingerprint file left by another setting is stale now; it is redone when loaded
-        walks = self._walk_settings()
-        new.fingerprints = walks.carry(self._fingerprints(old), new.P, new.graph.version, changed, kept)
-        save_fingerprints(walks.path(self.folder), new.fingerprints, new.graph.version)
+    def _neighbours(self, ids: list[str]) -> list[tuple[str, str, float]]:
+        """``(doc, neighbour, cosine)`` for the ``neighbors`` nearest documents of each of ``ids`` in the
+        graph (or among ``ids``): searched in the dense stage's index when it offers ``nearest`` (the
+        vectors already there, nothing copied), else exactly over the stored vectors."""
+        from streamrank.index.graph import knn_edges
 
-    # ---- updates --------------------------------------------------------------------------------
+        live, k, source = self._live, self.config.neighbors, self.dense()
+        assert live is not None
+        member = set(ids)
+        if hasattr(source, "nearest"):
+            slack = min(len(live.changed), 4 * k) + 1  # the index may hold deleted or unlinked rows
+            found = source.nearest(ids, k + slack)
+            return [
+                (doc_id, other, score)
+                for doc_id, hits in zip(ids, found, strict=True)
+                for other, score in [h for h in hits if h[0] != doc_id and (h[0] in live or h[0] in member)][:k]
+            ]
+        everything = [i for i in live.live_ids() if i not in member] + ids
+        base = source.embeddings_for(everything)
+        rows = np.arange(len(everything) - len(ids), len(everything))
+        r, c, s = knn_edges(base[rows], base, k, query_rows=rows)
+        return [(everything[a], everything[b], float(w)) for a, b, w in zip(r, c, s, strict=True)]
+
+    def _append(self, op: int, ids: list[Any], weights: np.ndarray | None = None) -> dict[str, Any]:
+        """Append one record to the graph's log (fsynced: durable when this returns), then apply it."""
+        from streamrank.index.dense_segments import Record, append, encode_record
+        from streamrank.index.graph import log_path
+
+        live, solved = self._live, self._solved
+        assert live is not None and solved is not None
+        vectors = None if weights is None else np.asarray(weights, dtype=np.float32).reshape(-1, 1)
+        end = append(log_path(self.folder, solved.graph.log), encode_record(op, ids, vectors), self._log_end)
+        with self.lock:
+            self._log_end = end
+            self._replay(live, Record(op, ids, vectors))
+        if len(live.changed) >= self.config.refresh_after:
+            self.refresh(background=True)
+        return self._info()
+
     def _add(self, documents: Sequence[Document]) -> dict[str, Any]:
-        old = self._solved
-        assert old is not None
-        graph = old.graph
-        ids = [d.id for d in documents]
-        new_ids = [i for i in dict.fromkeys(ids) if i not in graph.row_of]
-        everything = graph.ids + new_ids
-        base = self.dense().embeddings_for(everything)
-        position = {doc_id: i for i, doc_id in enumerate(everything)}
-        graph = graph.copy()
-        changed = graph.add(ids, base[[position[i] for i in ids]], base, self.lexical_edges(documents))
-        return self._commit(old, graph, changed, kept=None)
+        from streamrank.index.dense_segments import ADD
+        from streamrank.index.graph import LiveGraph
+
+        ids = list(dict.fromkeys(d.id for d in documents))
+        edges: list[Any] = [[doc_id, "", LiveGraph.NODE] for doc_id in ids]
+        weights = [0.0] * len(ids)
+        for kind, found in ((LiveGraph.KNN, self._neighbours(ids)), (LiveGraph.LEXICAL, self.lexical_edges(documents))):
+            edges += [[src, dst, kind] for src, dst, _ in found]
+            weights += [w for _, _, w in found]
+        return self._append(ADD, edges, np.array(weights))
 
     def _delete(self, doc_ids: Sequence[str]) -> dict[str, Any]:
-        old = self._solved
-        assert old is not None
-        graph = old.graph.copy()
-        gone = {d for d in doc_ids if d in graph.row_of}
-        kept = np.array([i for i, d in enumerate(graph.ids) if d not in gone], dtype=np.int64)
-        changed = graph.delete(gone)
-        return self._commit(old, graph, changed, kept=kept)
+        from streamrank.index.dense_segments import DELETE
 
-    def _commit(
-        self, old: _Solved, graph: CorpusGraph, changed: np.ndarray, kept: np.ndarray | None
-    ) -> dict[str, Any]:
-        new = self._solve_state(graph)
-        self._refresh_fingerprints(old, new, changed, kept)
-        graph.save(self.folder)
-        self._solved = new
-        return {**(self._manifest or {}).get("info", {}), **self._graph_counts(graph)}
+        assert self._live is not None
+        gone = [d for d in doc_ids if d in self._live]
+        return self._append(DELETE, gone) if gone else self._info()
 
-    def _graph_counts(self, graph: CorpusGraph) -> dict[str, int]:
-        """The graph's size for the index manifest (lexical edges only when the option is on)."""
-        counts = {"doc_count": len(graph), "edges": int(graph.knn.nnz)}
+    def _info(self) -> dict[str, Any]:
+        live = self._live
+        assert live is not None
+        return {**(self._manifest or {}).get("info", {}), **self._graph_counts(live)}
+
+    def _graph_counts(self, live: Any) -> dict[str, int]:
+        """The graph's size for the index manifest: documents, the edges of the last refreshed graph
+        (lexical ones only when the option is on) and ``staleness``, the documents changed since."""
+        graph = live.base
+        counts = {"doc_count": len(live), "edges": int(graph.knn.nnz), "staleness": len(live.changed)}
         if self.config.lexical_neighbors:
             counts["lexical_edges"] = int(graph.lexical.nnz)
         return counts
 
+    def staleness(self) -> int:
+        """Documents added, replaced or deleted since the graph queries walk was last refreshed."""
+        self._ensure_open()
+        return len(self._live.changed) if self._live else 0
+
+    def refresh(self, background: bool = False) -> bool:
+        """Fold the log into a new full graph (renumbered, transition matrix and fingerprints redone) and
+        switch to it crash-safely; returns False when a refresh is already running (or, with
+        ``background``, once the thread has started)."""
+        import threading
+
+        if not self._refreshing.acquire(blocking=False):
+            return False
+        if not background:
+            try:
+                self._refresh()
+            finally:
+                self._refreshing.release()
+            return True
+
+        def run() -> None:
+            try:
+                self._refresh()
+            except Exception:
+                log.exception("ppr stage %r: background refresh failed (the log keeps every write)", self.name)
+            finally:
+                self._refreshing.release()
+
+        self._refresh_thread = threading.Thread(target=run, name=f"refresh-{self.name}", daemon=True)
+        self._refresh_thread.start()
+        return False
+
+    def wait_for_refresh(self) -> None:
+        """Return once a background refresh that is running has finished."""
+        thread = self._refresh_thread
+        if thread is not None:
+            thread.join()
+
+    def close(self) -> None:
+        self.wait_for_refresh()
+        super().close()
+
+    def _refresh(self) -> None:
+        """The refresh: snapshot the live graph under the lock (O(changed rows)), build and write the new
+        graph with no lock, then under the writer lock carry the records appended meanwhile into the new
+        graph's log, switch ``graph.npz`` (the atomic step) and drop the old log."""
+        import copy
+        import os
+
+        from streamrank.index import manifest as mf
+        from streamrank.index.dense_segments import (
+            append,
+            encode_record,
+            fault_point,
+            fsync_folder,
+            new_generation,
+            read_log,
+        )
+        from streamrank.index.graph import GRAPH_FILE, NEXT_GRAPH_FILE, LiveGraph, log_path, remove_stray_logs
+
+        self._ensure_open()
+        with self.lock:
+            live, old, start = self._live, self._solved, self._log_end
+            assert live is not None and old is not None
+            frozen = LiveGraph(live.base)
+            frozen.ids, frozen.row_of, frozen.dead = list(live.ids), dict(live.row_of), set(live.dead)
+            frozen.rows = {kind: copy.deepcopy(rows) for kind, rows in live.rows.items()}
+        graph, changed, kept = frozen.snapshot()
+        graph.user_edges, graph.log = list(old.graph.user_edges), new_generation()
+        new = self._solve_state(graph)
+        if self.config.solver == "montecarlo":
+            walks = self._walk_settings()
+            moved = self._fingerprints(old)[kept][:, kept].tocsr()
+            new.fingerprints = walks.carry(moved, new.P, graph.version, changed, None)
+            save_fingerprints(walks.path(self.folder), new.fingerprints, graph.version)
+        graph.save(self.folder, NEXT_GRAPH_FILE)
+        fault_point("graph-refresh-written")
+        with mf.writer_lock(self.folder):
+            records, end = read_log(log_path(self.folder, old.graph.log), start)
+            fresh, new_log = LiveGraph(graph), log_path(self.folder, graph.log)
+            new_log.unlink(missing_ok=True)
+            if records:  # written while the new graph was built: they continue it
+                payload = b"".join(
+                    encode_record(r.op, r.ids, r.vectors) for r in records
+                )
+                append(new_log, payload, 0)
+            for record in records:
+                self._replay(fresh, record)
+            with self.lock:
+                os.replace(self.folder / NEXT_GRAPH_FILE, self.folder / GRAPH_FILE)
+                fsync_folder(self.folder)
+                self._solved, self._live, self._log_end = new, fresh, (end - start if records else 0)
+            fault_point("graph-refresh-switched")
+            remove_stray_logs(self.folder, graph.log)
+            self._save_manifest(self._info(), self.manifest_checksum())
+
     # ---- ranking ----------------------------------------------------------------------------------
-    def seed_vector(self, ranking: Ranking, row_of: dict[str, int]) -> dict[int, float]:
+    def seed_vector(self, ranking: Ranking, row_of: Mapping[str, int]) -> dict[int, float]:
         """Seed distribution (graph row -> mass) from the incoming top candidates and the user history."""
         cfg = self.config
         top = [(i, c) for i, c in enumerate(ranking.candidates[: cfg.seeds]) if c.doc_id in row_of]
@@ -393,10 +560,12 @@ class PPRStage(IndexedStage):
         with self.lock:
             solved = self._solved
             assert solved is not None
-            seeds = [self.seed_vector(r, solved.graph.row_of) for r in rankings]
+            assert self._live is not None
+            row_of = _Alive(solved.graph.row_of, self._live)  # documents deleted since the refresh: filtered
+            seeds = [self.seed_vector(r, row_of) for r in rankings]
             active = [i for i, s in enumerate(seeds) if s]
             ppr = self._ppr_vectors(solved, [seeds[i] for i in active]) if active else None
-            ids, row_of = solved.graph.ids, solved.graph.row_of
+            ids = solved.graph.ids
         out = list(rankings)
         for j, i in enumerate(active):
             out[i] = self._rerank(rankings[i], ppr[j], ids, row_of)
@@ -408,7 +577,7 @@ class PPRStage(IndexedStage):
                 out[i].notes.append(f"{self.name}: no seed document is in the corpus graph; order kept")
         return out
 
-    def _rerank(self, ranking: Ranking, x: np.ndarray, ids: list[str], row_of: dict[str, int]) -> Ranking:
+    def _rerank(self, ranking: Ranking, x: np.ndarray, ids: list[str], row_of: Mapping[str, int]) -> Ranking:
         cfg = self.config
         pool = list(ranking.candidates)
         in_pool = {c.doc_id for c in pool}
@@ -416,7 +585,7 @@ class PPRStage(IndexedStage):
             depth = min(len(x), cfg.expand + len(pool))
             best = np.argpartition(-x, depth - 1)[:depth]
             best = best[np.argsort(-x[best], kind="stable")]
-            added = [int(r) for r in best if x[r] > 0 and ids[r] not in in_pool][: cfg.expand]
+            added = [int(r) for r in best if x[r] > 0 and ids[r] not in in_pool and ids[r] in row_of][: cfg.expand]
             pool += [Candidate(doc_id=ids[r], score=0.0) for r in added]
         ppr = np.array([x[row_of[c.doc_id]] if c.doc_id in row_of else 0.0 for c in pool])
         n_in = len(ranking.candidates)

@@ -1,7 +1,7 @@
 """`streamrank bench writes`: what a write costs as the corpus grows (issue 24), beside two peers.
 
 For each corpus size (10k, 100k, 1M synthetic documents; ``--sizes``) and each pipeline (``dense``,
-``hybrid``; ``--pipelines``) it builds an index in a scratch folder and measures through
+``hybrid``; ``--pipelines``; ``graph``: the ppr stage's corpus graph alone) it builds an index in a scratch folder and measures through
 ``Pipeline.add_documents`` / ``delete_documents`` (the service's write path, durable when it returns):
 p50/p99 of a 1-document and a 100-document upsert and of a 1-document delete, 8 concurrent writers,
 search p50 idle and during a sustained write burst, search p50 after 30% of the documents are deleted
@@ -437,6 +437,63 @@ PEERS = {"lancedb": _lancedb, "chromadb": _chromadb}
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
+def _measure_graph(work: Path, corpus: SyntheticCorpus, vectors: Vectors, fresh: SyntheticCorpus, budget_s: float) -> dict[str, Any]:
+    """The corpus graph (``ppr`` stage, 10 neighbours, over a flat dense stage) alone: p50/p99 of its part
+    of a 1-document and a 100-document upsert and of a delete. The dense stage and the store take each
+    write first, untimed (the generator does that before ``_timed`` starts the clock)."""
+    import numpy as np
+
+    from streamrank.context import PipelineContext
+    from streamrank.index.dense import DenseRetriever
+    from streamrank.index.ppr import PPRStage
+
+    context = PipelineContext(work, corpus="bench")
+    dense = DenseRetriever.from_dict({"kind": "dense"}, context)
+    graph = PPRStage.from_dict({"kind": "ppr", "neighbors": 10}, context)
+    graph.bind("vectors_from", dense)
+    out: dict[str, Any] = {}
+    try:
+        with dense.supply_embeddings(vectors.docs):
+            started = time.perf_counter()
+            context.store.upsert(corpus.documents())
+            dense.build(context.store)
+            out["dense_build_s"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
+            graph.build(context.store)
+            graph.indexed_ids()
+            out["graph_build_s"] = round(time.perf_counter() - started, 1)
+            counter = cycle(range(fresh.n))
+
+            def upserts(size: int, count: int) -> Iterator[Callable[[], None]]:
+                for _ in range(count):
+                    docs = [fresh.document(next(counter), "n") for _ in range(size)]
+                    context.store.upsert(docs)
+                    dense.add(docs)
+                    yield partial(graph.add, docs)
+
+            def deletes(count: int) -> Iterator[Callable[[], None]]:
+                for i in islice(np.random.default_rng(SEED).permutation(corpus.n), count):
+                    doc_id = f"d{int(i):07d}"
+                    context.store.delete([doc_id])
+                    dense.delete([doc_id])
+                    yield partial(graph.delete, [doc_id])
+
+            next(iter(upserts(1, 1)))()  # warm up
+            out["upsert_1"] = _timed(upserts(1, 100), budget_s)
+            out["upsert_100"] = _timed(upserts(100, 30), budget_s)
+            out["delete_1"] = _timed(deletes(100), budget_s)
+            if hasattr(graph, "refresh"):
+                out["staleness_before_refresh"] = graph.staleness()
+                started = time.perf_counter()
+                graph.refresh()
+                out["refresh_s"] = round(time.perf_counter() - started, 2)
+    finally:
+        graph.close()
+        dense.close()
+        context.close()
+    return out
+
+
 def _encode_all(corpus: SyntheticCorpus, fresh: SyntheticCorpus, queries: list[str], real: bool) -> tuple[Vectors, Any, Any, str]:
     """Vectors of the corpus, the documents written later and the queries; the encoder's name."""
     import numpy as np
@@ -504,9 +561,12 @@ def run_writes_benchmark(
         for name in names:
             work = root / f"{name}-{size}"
             shutil.rmtree(work, ignore_errors=True)
-            entry[name] = _measure_pipeline(
-                name, work, corpus, vectors, fresh, queries, budget_s, deletes=size <= 100_000
-            )
+            if name == "graph":
+                entry[name] = _measure_graph(work, corpus, vectors, fresh, budget_s)
+            else:
+                entry[name] = _measure_pipeline(
+                    name, work, corpus, vectors, fresh, queries, budget_s, deletes=size <= 100_000
+                )
             shutil.rmtree(work, ignore_errors=True)
             log.warning("writes bench: %s at %d done: %s", name, size, entry[name])
             _checkpoint(output_dir, results, size, entry)

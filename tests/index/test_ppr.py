@@ -67,6 +67,12 @@ def test_added_document_appears_in_the_graph_and_delete_removes_it(tmp_path: Pat
     new = Document(id="a-new", text="membrane protein receptor cell")
     stage.context.store.upsert([new])
     stage.add([new])
+    assert stage.staleness() == 1 and "a-new" not in stage._solved.graph.row_of  # logged, not yet walked
+    assert mf.read_manifest(stage.folder)["info"]["staleness"] == 1
+    reopened = ppr_stage(stage.context, neighbors=3, solver=solver)
+    assert "a-new" in reopened.indexed_ids()  # persisted in the log, replayed on open
+    stage.refresh()
+    assert stage.staleness() == 0 and mf.read_manifest(stage.folder)["info"]["staleness"] == 0
     graph = stage._solved.graph
     row = graph.row_of["a-new"]
     neighbours = {graph.ids[c] for c in graph.knn[row].indices}
@@ -77,13 +83,15 @@ def test_added_document_appears_in_the_graph_and_delete_removes_it(tmp_path: Pat
         assert F.shape == (len(graph), len(graph)) and F[row, row] >= 0.15 - 1e-6
 
     reopened = ppr_stage(stage.context, neighbors=3, solver=solver)
-    assert "a-new" in reopened.indexed_ids()  # persisted
     pool = [Candidate(doc_id=n, score=1.0, rank=i + 1) for i, n in enumerate(sorted(neighbours))]
     (out,) = reopened.run([Ranking(query=Query(id="q", text="x"), candidates=pool)])
     assert "a-new" in out.doc_ids()
 
     stage.delete(["a-new", "b0"])
     assert "a-new" not in stage.indexed_ids() and "b0" not in stage.indexed_ids()
+    (out,) = stage.run([Ranking(query=Query(id="q", text="x"), candidates=pool)])
+    assert "a-new" not in out.doc_ids()  # tombstoned: filtered at walk time, before any refresh
+    stage.refresh()
     assert stage._solved.graph.knn.shape == (len(corpus()) - 1,) * 2
 
 
@@ -119,6 +127,7 @@ def test_adding_a_document_rewalks_only_the_fingerprints_it_affects(tmp_path: Pa
     new = Document(id="fresh", text=docs[7].text)
     context.store.upsert([new])
     stage.add([new])
+    stage.refresh()
     after = stage._solved.fingerprints
     assert after.shape == (401, 401) and after[400, 400] >= 0.5 - 1e-6
     same = [(before[i] != after[i, :400]).nnz == 0 for i in range(400)]
@@ -190,6 +199,7 @@ def test_added_document_gets_lexical_edges_and_delete_drops_them(lexical_stage: 
     stage.context.store.upsert([new])
     stage.bm25().add([new])  # the pipeline's BM25 stage comes first
     stage.add([new])
+    stage.refresh()
     graph = stage._solved.graph
     row = graph.row_of["c-new"]
     top = bm25_top(stage, new.contents, new.id, 2)
@@ -197,6 +207,7 @@ def test_added_document_gets_lexical_edges_and_delete_drops_them(lexical_stage: 
     assert all(t.startswith("c") and graph.lexical[graph.row_of[t], row] > 0 for t in top)  # both ways
     assert mf.read_manifest(stage.folder)["info"]["lexical_edges"] == graph.lexical.nnz
     stage.delete(["c-new"])
+    stage.refresh()
     assert stage._solved.graph.lexical.shape == (len(corpus()),) * 2
 
 
