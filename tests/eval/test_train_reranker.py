@@ -273,9 +273,9 @@ def test_first_trains_resumes_saves_and_the_folder_ranks(tmp_path: Path, tiny_da
         from streamrank.rankers.prompts import ListwisePrompt
 
         prompt = stage.window_prompt("topic35 question", ["a b c", "d e f"])
-        body = tuple(t for t in prompt.body if t != prompt.label_ids[1])
-        broken = ListwisePrompt(prompt.prefix, body, prompt.labels, prompt.label_ids, prompt.passage_tokens)
-        with pytest.raises(RankerError, match="missing"):
+        label_ids = (prompt.label_ids[0], -1)
+        broken = ListwisePrompt(prompt.prefix, prompt.body, prompt.labels, label_ids, prompt.passage_tokens)
+        with pytest.raises(RankerError, match="no single token"):
             identifier_logits(stage.llm, broken, None)
     finally:
         trained.close()
