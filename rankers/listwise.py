@@ -105,8 +105,34 @@ def identifier_logits(
     if prefix is not None and prefix.ids != list(prompt.prefix):
         prefix = None  # this prompt's prefix differs from the cached one: compute it whole
     sequence = list(prompt.body if prefix is not None else prompt.ids)
-    values, result = llm.next_token_logits([sequence], prompt.label_ids, prefix=prefix)
-    return values[0], result
+    if not prompt.opened_ids:
+        values, result = llm.next_token_logits([sequence], prompt.label_ids, prefix=prefix)
+        return values[0], result
+    return opened_identifier_scores(llm, prompt, sequence, prefix)
+
+
+def opened_identifier_scores(
+    llm: CausalLM, prompt: ListwisePrompt, sequence: list[int], prefix: PrefixCache | None
+) -> tuple[torch.Tensor, Any]:
+    """Log-probability of each identifier written with its opener, under the model's own tokenization.
+
+    On a vocabulary that merges the opener with an identifier ("[A" one token, as byte-level BPE does for
+    most letters), the prompt's closing "[" is a context the model never saw before those letters; it would
+    write "[A" as one token. So, from the same forward pass: log p("[A") at the position before the opener
+    where the pair is one token, log p("[") + log p("A" | "[") where the tokenizer splits it."""
+    import torch
+
+    result = llm.logits_at([sequence], [[len(sequence) - 2, len(sequence) - 1]], prefix=prefix)
+    before, after = (torch.log_softmax(row.float(), dim=-1).cpu() for row in result.rows[0])
+    opener_id = sequence[-1]
+    scores = [
+        before[opened] if opened >= 0 else before[opener_id] + after[bare]
+        for opened, bare in zip(prompt.opened_ids, prompt.label_ids, strict=True)
+    ]
+    values = torch.stack(scores)
+    if not torch.isfinite(values).all():
+        raise RankerError(f"{llm.name}: non-finite identifier scores")
+    return values, result
 
 
 class ListwiseReranker(LLMReranker):

@@ -145,6 +145,9 @@ class ListwisePrompt:
     """The whole prompt as text (chat template applied)."""
     cut: bool = False
     """Whether passages were cut below the configured limit to fit the context."""
+    opened_ids: tuple[int, ...] = ()
+    """Per identifier, the one token that is the answer's opener and the identifier together ("[A" on a
+    byte-level BPE vocabulary), or -1 where the tokenizer splits them; empty when it splits them all."""
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -342,9 +345,12 @@ class PromptBuilder:
             )
         )
         by_span = {span: i for i, span in enumerate(offsets)}
-        label_ids = []
+        label_ids, opened_ids = [], []
+        opener = t.answer_opener
         for label, span in zip(labels, label_spans, strict=True):
             index = by_span.get(span)
+            merged = by_span.get((span[0] - len(opener), span[1])) if opener and before_rank.endswith(opener) else None
+            opened_ids.append(-1 if merged is None else ids[merged])
             label_id = ids[index] if index is not None else self.bare_token(label)
             if label_id is None and single_token:
                 raise RankerError(
@@ -357,7 +363,10 @@ class PromptBuilder:
                 f"{self.llm.name}: the prompt's last token is {ids[-1]}, not the answer's opening "
                 f"{t.answer_opener!r}; the identifier would not be the next token"
             )
-        return ListwisePrompt(tuple(ids[:cut]), tuple(ids[cut:]), tuple(labels), tuple(label_ids), 0, text)
+        opened = tuple(opened_ids) if any(i >= 0 for i in opened_ids) else ()
+        return ListwisePrompt(
+            tuple(ids[:cut]), tuple(ids[cut:]), tuple(labels), tuple(label_ids), 0, text, opened_ids=opened
+        )
 
     def listwise(
         self,

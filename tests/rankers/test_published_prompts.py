@@ -124,6 +124,7 @@ def test_prompts_equal_rank_llm_string_and_tokens(llm: CausalLM, ours: str, thei
                 or builder.template.turns == "multi"
             )
             if alpha:
+                assert prompt.opened_ids == ()
                 assert prompt.labels[:3] == ("A", "B", "C")
                 assert [llm.tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
             cut += prompt.cut
@@ -230,16 +231,18 @@ def test_prompts_equal_rank_llm_with_a_sentencepiece_style_tokenizer(
         assert ids[: len(ids) - len(opener)] == tokenizer.encode(expected) and count == len(ids) - len(opener)
         if alpha:
             assert [tokenizer.decode([i]) for i in prompt.label_ids] == list(prompt.labels)
+            assert prompt.opened_ids == ()  # "[" always split from the letter: FIRST's published rule
 
 
 def merging_byte_level_tokenizer():
-    """A byte-level BPE tokenizer (Qwen's and Llama 3's kind) whose merges turn "[A" .. "[T" into single tokens,
-    as Qwen2.5's vocabulary does, while "A" .. "T" stay tokens on their own; everything else stays bytes."""
+    """A byte-level BPE tokenizer (Qwen's and Llama 3's kind) whose merges turn "[A" .. "[T" except "[O" and "[Q"
+    into single tokens, as Qwen2.5's vocabulary does, while "A" .. "T" stay tokens on their own; everything
+    else stays bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges = [("[", chr(65 + i)) for i in range(20)]
+    merges = [("[", chr(65 + i)) for i in range(20) if chr(65 + i) not in "OQ"]  # Qwen2.5 splits "[O", "[Q"
     for left, right in merges:
         vocab[left + right] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
@@ -274,7 +277,17 @@ def test_first_identifiers_on_a_tokenizer_that_merges_the_bracket() -> None:
     assert len(set(prompt.label_ids)) == 20
     from streamrank.rankers.listwise import identifier_logits
 
+    # each identifier scored as the model would write it: "[X" one token, or "[" then "X" (O and Q)
+    assert [tokenizer.decode([i]) if i >= 0 else None for i in prompt.opened_ids] == [
+        None if label in "OQ" else f"[{label}" for label in prompt.labels
+    ]
     values, _ = identifier_logits(llm, prompt, None)  # the FIRST stage's one forward pass reads them
     with torch.inference_mode():
-        last = llm.model(input_ids=torch.tensor([list(prompt.ids)])).logits[0, -1]
-    assert torch.allclose(values, last[list(prompt.label_ids)], atol=1e-5)
+        logits = llm.model(input_ids=torch.tensor([list(prompt.ids)])).logits[0].float()
+    before, after = torch.log_softmax(logits[-2], -1), torch.log_softmax(logits[-1], -1)
+    opener = prompt.ids[-1]
+    expected = [
+        before[opened] if opened >= 0 else before[opener] + after[bare]
+        for opened, bare in zip(prompt.opened_ids, prompt.label_ids, strict=True)
+    ]
+    assert torch.allclose(values, torch.stack(expected), atol=1e-4)
