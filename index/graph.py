@@ -27,7 +27,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,7 +143,7 @@ class CorpusGraph:
     min_similarity: float = 0.0
     user_edges: list[tuple[str, str, float]] = field(default_factory=list)
     version: str = field(default_factory=lambda: uuid.uuid4().hex)
-    """Changes with every add/delete; derived data (fingerprints) records the version it was made from."""
+    """New for every built or refreshed graph; derived data (fingerprints) records the version it was made from."""
     lexical: sp.csr_matrix | None = None
     """Symmetric lexical-neighbour weights (an empty matrix when the graph has none)."""
     log: str = ""
@@ -157,16 +157,6 @@ class CorpusGraph:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def copy(self) -> CorpusGraph:
-        """A copy an update may change while queries keep using the original."""
-        return replace(
-            self,
-            ids=list(self.ids),
-            knn=self.knn.copy(),
-            user_edges=list(self.user_edges),
-            lexical=self.lexical.copy(),
-        )
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -190,60 +180,6 @@ class CorpusGraph:
         linked = symmetric_matrix(r, c, w, len(self))
         self.lexical = sp.csr_matrix(self.lexical.maximum(linked))
         return np.unique(np.concatenate([r, c])).astype(np.int64)
-
-    # ---- updates --------------------------------------------------------------------------------
-    def add(
-        self,
-        ids: Sequence[str],
-        embeddings: np.ndarray,
-        base: np.ndarray,
-        lexical: Iterable[tuple[str, str, float]] = (),
-    ) -> np.ndarray:
-        """Add or re-link documents ``ids`` (their embeddings) to their kNN among all nodes.
-
-        ``base`` holds the embeddings of every node after the update, in row order: the current
-        ``ids`` followed by the genuinely new ones in the order given. The old lexical edges of
-        ``ids`` are dropped and ``lexical`` (their new lexical neighbours) linked. Returns the rows
-        whose out-edges changed.
-        """
-        import scipy.sparse as sp
-
-        ids = list(ids)
-        new = [doc_id for doc_id in dict.fromkeys(ids) if doc_id not in self.row_of]
-        n = len(self.ids) + len(new)
-        if len(base) != n:
-            raise ValueError(f"base has {len(base)} rows; expected {n} (existing + new nodes)")
-        knn, lex = self.knn.copy(), self.lexical.copy()
-        knn.resize((n, n))
-        lex.resize((n, n))
-        self.ids.extend(new)
-        self.row_of.update({doc_id: len(self.row_of) + i for i, doc_id in enumerate(new)})
-        rows = np.array([self.row_of[doc_id] for doc_id in ids], dtype=np.int64)
-        old_neighbours = np.unique(np.concatenate([knn[rows].indices, lex[rows].indices]).astype(np.int64))
-        knn = _drop_nodes_edges(knn, rows)
-        self.lexical = _drop_nodes_edges(lex, rows)
-        r, c, s = knn_edges(embeddings, base, self.neighbors, query_rows=rows)
-        self.knn = sp.csr_matrix(knn.maximum(symmetric_matrix(r, c, s, n, self.min_similarity)))
-        linked = self.link_lexical(lexical)
-        self.version = uuid.uuid4().hex
-        return np.unique(np.concatenate([rows, c, old_neighbours, linked]))
-
-    def delete(self, doc_ids: Iterable[str]) -> np.ndarray:
-        """Remove documents (unknown ids ignored); returns the surviving rows (new numbering) that lost edges."""
-        gone = np.array(sorted({self.row_of[d] for d in doc_ids if d in self.row_of}), dtype=np.int64)
-        if len(gone) == 0:
-            return np.zeros(0, dtype=np.int64)
-        keep = np.ones(len(self.ids), dtype=bool)
-        keep[gone] = False
-        touched = np.zeros(len(self.ids), dtype=bool)
-        touched[self.knn[:, gone].tocoo().row] = True
-        touched[self.lexical[:, gone].tocoo().row] = True
-        self.knn = self.knn[keep][:, keep].tocsr()
-        self.lexical = self.lexical[keep][:, keep].tocsr()
-        self.ids = [doc_id for doc_id, k in zip(self.ids, keep, strict=True) if k]
-        self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
-        self.version = uuid.uuid4().hex
-        return np.flatnonzero(touched[keep])
 
     def _edge_rows(self, edges: Iterable[tuple[str, str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(src rows, dst rows, float32 weights)`` of the id edges whose both ends are in the graph."""
@@ -340,20 +276,6 @@ def _empty(n: int) -> sp.csr_matrix:
     import scipy.sparse as sp
 
     return sp.csr_matrix((n, n), dtype=np.float32)
-
-
-def _drop_nodes_edges(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """``matrix`` without any edge touching ``rows`` (those rows and columns zeroed, structure pruned)."""
-    import scipy.sparse as sp
-
-    if len(rows) == 0:
-        return matrix
-    mask = np.ones(matrix.shape[0], dtype=np.float32)
-    mask[rows] = 0.0
-    d = sp.diags(mask)
-    out = sp.csr_matrix(d @ matrix @ d)
-    out.eliminate_zeros()
-    return out
 
 
 class LiveGraph:

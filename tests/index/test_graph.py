@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ppr_support import TOPICS, corpus, embed
 
-from streamrank.index.graph import CorpusGraph, personalised_query
+from streamrank.index.graph import CorpusGraph, LiveGraph, knn_edges, personalised_query
 
 
 # ---- the graph --------------------------------------------------------------------------------------
@@ -31,7 +31,11 @@ def test_replacing_a_document_relinks_it() -> None:
     moved = embed(TOPICS["c"])
     base = vectors.copy()
     base[ids.index("a0")] = moved
-    changed = graph.add(["a0"], moved[None, :], base)
+    live = LiveGraph(graph)  # a write as the ppr stage logs it: the node, then its new kNN edges
+    r, c, w = knn_edges(moved[None, :], base, 3, query_rows=np.array([ids.index("a0")]))
+    edges = [("a0", "", LiveGraph.NODE)] + [(ids[a], ids[b], LiveGraph.KNN) for a, b in zip(r, c, strict=True)]
+    live.apply(edges, [0.0, *w.tolist()])
+    graph, changed, _ = live.snapshot()
     row = graph.row_of["a0"]
     assert len(graph) == len(docs) and row in changed
     assert {graph.ids[c][0] for c in graph.knn[row].indices} == {"c"}
