@@ -301,6 +301,13 @@ class LiveGraph:
     def __len__(self) -> int:
         return len(self.row_of)
 
+    def copy(self) -> LiveGraph:
+        """A copy later writes do not change (the snapshot shared: it is never written to)."""
+        out = LiveGraph(self.base)
+        out.ids, out.row_of, out.dead, out.changed = list(self.ids), dict(self.row_of), set(self.dead), set(self.changed)
+        out.rows = {kind: {row: dict(edges) for row, edges in rows.items()} for kind, rows in self.rows.items()}
+        return out
+
     def __contains__(self, doc_id: str) -> bool:
         return doc_id in self.row_of
 

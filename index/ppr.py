@@ -464,7 +464,6 @@ class PPRStage(IndexedStage):
         """The refresh: snapshot the live graph under the lock (O(changed rows)), build and write the new
         graph with no lock, then under the writer lock carry the records appended meanwhile into the new
         graph's log, switch ``graph.npz`` (the atomic step) and drop the old log."""
-        import copy
         import os
 
         from streamrank.index import manifest as mf
@@ -482,9 +481,7 @@ class PPRStage(IndexedStage):
         with self.lock:
             live, old, start = self._live, self._solved, self._log_end
             assert live is not None and old is not None
-            frozen = LiveGraph(live.base)
-            frozen.ids, frozen.row_of, frozen.dead = list(live.ids), dict(live.row_of), set(live.dead)
-            frozen.rows = {kind: copy.deepcopy(rows) for kind, rows in live.rows.items()}
+            frozen = live.copy()
         graph, changed, kept = frozen.snapshot()
         graph.user_edges, graph.log = list(old.graph.user_edges), new_generation()
         new = self._solve_state(graph)
