@@ -98,7 +98,8 @@ def order_from_logits(values: torch.Tensor, what: str = "identifier logits") -> 
 def identifier_logits(
     llm: CausalLM, prompt: ListwisePrompt, prefix: PrefixCache | None
 ) -> tuple[torch.Tensor, Any]:
-    """Logits of the prompt's identifiers at the answer position (one forward pass)."""
+    """Scores of the prompt's identifiers from one forward pass: their logits at the answer position, or
+    (where the tokenizer merges the opener with identifiers) :func:`opened_identifier_scores`."""
     for label, label_id in zip(prompt.labels, prompt.label_ids, strict=True):
         if label_id < 0:  # the prompt builder located each identifier (in context or as a bare token)
             raise RankerError(f"identifier [{label}] has no single token in this prompt")

@@ -346,10 +346,10 @@ class PromptBuilder:
         )
         by_span = {span: i for i, span in enumerate(offsets)}
         label_ids, opened_ids = [], []
-        opener = t.answer_opener
+        opener = t.answer_opener if t.answer_opener and before_rank.endswith(t.answer_opener) else ""
         for label, span in zip(labels, label_spans, strict=True):
             index = by_span.get(span)
-            merged = by_span.get((span[0] - len(opener), span[1])) if opener and before_rank.endswith(opener) else None
+            merged = by_span.get((span[0] - len(opener), span[1])) if opener else None
             opened_ids.append(-1 if merged is None else ids[merged])
             label_id = ids[index] if index is not None else self.bare_token(label)
             if label_id is None and single_token:
